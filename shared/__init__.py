@@ -1,0 +1,1 @@
+"""Message orchestrator: schedule, pace and deliver SMS for conversational agents."""

@@ -1,0 +1,109 @@
+"""One Settings object, read from the environment once per instance."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import time
+
+from shared.policy import Limits
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _time(env: Mapping[str, str], name: str, default: time) -> time:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return time.fromisoformat(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be HH:MM, got {raw!r}") from exc
+
+
+def _str(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    return raw or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    # database: DATABASE_URL wins; otherwise SUPABASE_URL + SUPABASE_SERVICE_KEY
+    database_url: str | None = None
+    supabase_url: str | None = None
+    supabase_service_key: str | None = None
+    db_pool_max: int = 4
+    # Cloud Tasks
+    google_cloud_project: str = "local-project"
+    tasks_location: str = "us-central1"
+    tasks_queue: str = "message-delivery"
+    deliver_url: str | None = None
+    tasks_service_account: str | None = None
+    cloud_tasks_emulator_host: str | None = None
+    # Twilio
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_phone_number: str | None = None
+    twilio_messaging_service_sid: str | None = None
+    twilio_api_base_url: str | None = None
+    twilio_timeout_seconds: int = 10
+    status_callback_url: str | None = None
+    # policy defaults
+    limits: Limits = field(default_factory=Limits)
+    max_attempts: int = 5
+    lease_seconds: int = 120
+    max_content_length: int = 1600
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        limits = Limits(
+            cooldown_seconds=_int(e, "COOLDOWN_SECONDS", 30),
+            hourly_limit=_int(e, "HOURLY_LIMIT", 2, minimum=1),
+            daily_limit=_int(e, "DAILY_LIMIT", 10, minimum=1),
+            quiet_hours_start=_time(e, "QUIET_HOURS_START", time(22, 0)),
+            quiet_hours_end=_time(e, "QUIET_HOURS_END", time(8, 0)),
+            active_window_seconds=_int(e, "ACTIVE_WINDOW_MINUTES", 10) * 60,
+            low_daily_reserve=_int(e, "LOW_PRIORITY_DAILY_RESERVE", 2),
+        )
+        return cls(
+            database_url=_str(e, "DATABASE_URL"),
+            supabase_url=_str(e, "SUPABASE_URL"),
+            supabase_service_key=_str(e, "SUPABASE_SERVICE_KEY"),
+            db_pool_max=_int(e, "DB_POOL_MAX", 4, minimum=1),
+            google_cloud_project=_str(e, "GOOGLE_CLOUD_PROJECT") or "local-project",
+            tasks_location=_str(e, "TASKS_LOCATION") or "us-central1",
+            tasks_queue=_str(e, "TASKS_QUEUE") or "message-delivery",
+            deliver_url=_str(e, "DELIVER_URL"),
+            tasks_service_account=_str(e, "TASKS_SERVICE_ACCOUNT"),
+            cloud_tasks_emulator_host=_str(e, "CLOUD_TASKS_EMULATOR_HOST"),
+            twilio_account_sid=_str(e, "TWILIO_ACCOUNT_SID"),
+            twilio_auth_token=_str(e, "TWILIO_AUTH_TOKEN"),
+            twilio_phone_number=_str(e, "TWILIO_PHONE_NUMBER"),
+            twilio_messaging_service_sid=_str(e, "TWILIO_MESSAGING_SERVICE_SID"),
+            twilio_api_base_url=_str(e, "TWILIO_API_BASE_URL"),
+            twilio_timeout_seconds=_int(e, "TWILIO_TIMEOUT_SECONDS", 10, minimum=1),
+            status_callback_url=_str(e, "STATUS_CALLBACK_URL"),
+            limits=limits,
+            max_attempts=_int(e, "MAX_ATTEMPTS", 5, minimum=1),
+            lease_seconds=_int(e, "CLAIM_LEASE_SECONDS", 120, minimum=10),
+            max_content_length=_int(e, "MAX_CONTENT_LENGTH", 1600, minimum=1),
+            log_level=(_str(e, "LOG_LEVEL") or "INFO").upper(),
+        )
+
+    @property
+    def tasks_queue_path(self) -> str:
+        return f"projects/{self.google_cloud_project}/locations/{self.tasks_location}/queues/{self.tasks_queue}"

@@ -1,0 +1,102 @@
+"""One root exception; every error the use cases raise derives from it.
+
+Each class's docstring is its default message, so `raise NotFound()` still says something useful.
+Entry points turn these into HTTP answers (see `http_status`); adapters translate the errors of the
+libraries they wrap into these at their boundary, so nothing above them sees psycopg or twilio types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchestratorError(Exception):
+    """The message orchestrator could not complete the request."""
+
+    http_status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or (self.__doc__ or "").strip().splitlines()[0]
+        self.details = details
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"success": False, "error": self.code, "message": self.message}
+        body.update(self.details)
+        return body
+
+
+class ValidationError(OrchestratorError):
+    """The request is not valid."""
+
+    http_status = 400
+    code = "invalid_request"
+
+    def __init__(self, errors: list[dict[str, str]], message: str | None = None) -> None:
+        fields = ", ".join(e["field"] for e in errors)
+        super().__init__(message or f"invalid field(s): {fields}", errors=errors)
+        self.errors = errors
+
+
+class NotFound(OrchestratorError):
+    """No such resource."""
+
+    http_status = 404
+    code = "not_found"
+
+
+class Conflict(OrchestratorError):
+    """The request conflicts with the current state."""
+
+    http_status = 409
+    code = "conflict"
+
+
+class OptedOut(Conflict):
+    """The user has opted out of messages (replied STOP); nothing will be sent."""
+
+    code = "opted_out"
+
+
+class IdempotencyConflict(Conflict):
+    """This idempotency key was already used with a different request body."""
+
+    code = "idempotency_key_reused"
+
+
+class NotDeliverable(OrchestratorError):
+    """The message cannot be delivered before it expires."""
+
+    http_status = 422
+    code = "not_deliverable"
+
+
+class Unavailable(OrchestratorError):
+    """A backing service is unavailable; retry later."""
+
+    http_status = 503
+    code = "unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    """The database is unavailable; nothing was written. Retry later."""
+
+    code = "database_unavailable"
+
+
+class SendError(OrchestratorError):
+    """The SMS provider refused or failed to send the message."""
+
+    def __init__(self, message: str | None = None, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, provider_code=code, provider_status=status)
+        self.provider_code = code
+        self.provider_status = status
+
+
+class PermanentSendError(SendError):
+    """The SMS provider refused the message permanently (invalid, unreachable or opted-out number)."""
+
+
+class TransientSendError(SendError):
+    """The SMS provider failed for now (rate limit, server error or timeout); retry later."""

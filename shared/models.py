@@ -1,0 +1,299 @@
+"""Request, response and domain types, and the validation of what agents send us."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from shared.errors import ValidationError
+from shared.policy import PRIORITIES, History, UserSettings
+
+QUEUED = "queued"
+SENDING = "sending"
+SENT = "sent"
+FAILED = "failed"
+SUPERSEDED = "superseded"
+CANCELLED = "cancelled"
+EXPIRED = "expired"
+STATUSES = (QUEUED, SENDING, SENT, FAILED, SUPERSEDED, CANCELLED, EXPIRED)
+FINAL_STATUSES = frozenset({SENT, FAILED, SUPERSEDED, CANCELLED, EXPIRED})
+
+SCHEDULE_FIELDS = frozenset(
+    {
+        "userId",
+        "agentId",
+        "messageData",
+        "priority",
+        "canDelay",
+        "requiresFreshContext",
+        "conversationId",
+        "idempotencyKey",
+        "expiresAt",
+    }
+)
+MAX_AGENT_ID = 100
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def parse_uuid(value: Any) -> uuid.UUID | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def parse_instant(value: Any) -> datetime | None:
+    """An ISO 8601 instant with an explicit offset (a trailing Z is accepted); None if not one."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def iso(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC with millisecond precision, as agents and the seed's API expect."""
+    if value is None:
+        return None
+    from datetime import UTC
+
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class ScheduleRequest:
+    user_id: uuid.UUID
+    agent_id: str
+    message_data: dict[str, Any]
+    content: str
+    priority: str = "medium"
+    can_delay: bool = True
+    requires_fresh_context: bool = False
+    conversation_id: uuid.UUID | None = None
+    idempotency_key: str | None = None
+    expires_at: datetime | None = None
+
+    @property
+    def request_hash(self) -> str:
+        """A stable digest of what was asked, to tell a retry from a reuse of the same key."""
+        canonical = {
+            "userId": str(self.user_id),
+            "agentId": self.agent_id,
+            "messageData": self.message_data,
+            "priority": self.priority,
+            "canDelay": self.can_delay,
+            "requiresFreshContext": self.requires_fresh_context,
+            "conversationId": str(self.conversation_id) if self.conversation_id else None,
+            "expiresAt": iso(self.expires_at),
+        }
+        raw = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    @classmethod
+    def parse(
+        cls,
+        body: Any,
+        *,
+        now: datetime,
+        max_content_length: int = 1600,
+        idempotency_header: str | None = None,
+    ) -> ScheduleRequest:
+        """Validate an agent's JSON body; raises ValidationError naming every bad field."""
+        errors: list[dict[str, str]] = []
+
+        def bad(name: str, reason: str) -> None:
+            errors.append({"field": name, "reason": reason})
+
+        if not isinstance(body, dict):
+            raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
+        for name in sorted(set(body) - SCHEDULE_FIELDS):
+            bad(name, "unknown field")
+
+        user_id = parse_uuid(body.get("userId"))
+        if "userId" not in body:
+            bad("userId", "is required")
+        elif user_id is None:
+            bad("userId", "must be a UUID")
+
+        agent_id = body.get("agentId")
+        if "agentId" not in body:
+            bad("agentId", "is required")
+        elif not isinstance(agent_id, str) or not agent_id.strip():
+            bad("agentId", "must be a non-empty string")
+        elif len(agent_id) > MAX_AGENT_ID:
+            bad("agentId", f"must be at most {MAX_AGENT_ID} characters")
+
+        message_data = body.get("messageData")
+        content = ""
+        if "messageData" not in body:
+            bad("messageData", "is required")
+        elif not isinstance(message_data, dict):
+            bad("messageData", "must be an object")
+        else:
+            raw_content = message_data.get("content")
+            if "content" not in message_data:
+                bad("messageData.content", "is required")
+            elif not isinstance(raw_content, str):
+                bad("messageData.content", "must be a string")
+            elif not raw_content.strip():
+                bad("messageData.content", "must not be empty")
+            elif len(raw_content) > max_content_length:
+                bad("messageData.content", f"must be at most {max_content_length} characters")
+            else:
+                content = raw_content
+
+        priority = body.get("priority", "medium")
+        if priority not in PRIORITIES:
+            bad("priority", f"must be one of {', '.join(PRIORITIES)}")
+
+        flags: dict[str, bool] = {}
+        for name, default in (("canDelay", True), ("requiresFreshContext", False)):
+            value = body.get(name, default)
+            if not isinstance(value, bool):
+                bad(name, "must be true or false")
+            flags[name] = bool(value) if isinstance(value, bool) else default
+
+        conversation_id = None
+        if body.get("conversationId") is not None:
+            conversation_id = parse_uuid(body["conversationId"])
+            if conversation_id is None:
+                bad("conversationId", "must be a UUID")
+
+        key = body.get("idempotencyKey")
+        if key is None:
+            key = idempotency_header
+        elif idempotency_header is not None and idempotency_header != key:
+            bad("idempotencyKey", "differs from the Idempotency-Key header")
+        if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY):
+            bad("idempotencyKey", f"must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} characters")
+
+        expires_at = None
+        if body.get("expiresAt") is not None:
+            expires_at = parse_instant(body["expiresAt"])
+            if expires_at is None:
+                bad("expiresAt", "must be an ISO 8601 timestamp with a timezone offset")
+            elif expires_at <= now:
+                bad("expiresAt", "must be in the future")
+
+        if errors:
+            raise ValidationError(errors)
+        assert user_id is not None and isinstance(agent_id, str) and isinstance(message_data, dict)
+        return cls(
+            user_id=user_id,
+            agent_id=agent_id.strip(),
+            message_data=message_data,
+            content=content,
+            priority=str(priority),
+            can_delay=flags["canDelay"],
+            requires_fresh_context=flags["requiresFreshContext"],
+            conversation_id=conversation_id,
+            idempotency_key=key.strip() if isinstance(key, str) else None,
+            expires_at=expires_at,
+        )
+
+
+@dataclass(frozen=True)
+class UserContext:
+    """A user as the policy sees them, loaded in one round trip."""
+
+    user_id: uuid.UUID
+    phone_number: str
+    settings: UserSettings
+    history: History
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A validated message ready to be stored with its planned time."""
+
+    request: ScheduleRequest
+    scheduled_for: datetime
+    reason: str
+    now: datetime
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message_queue row, as the use cases need it."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    agent_id: str
+    status: str
+    priority: str
+    content: str
+    scheduled_for: datetime
+    can_delay: bool = True
+    generation: int = 0
+    attempts: int = 0
+    reason: str | None = None
+    last_error: str | None = None
+    expires_at: datetime | None = None
+    sent_at: datetime | None = None
+    twilio_message_sid: str | None = None
+    conversation_id: uuid.UUID | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "messageId": str(self.id),
+            "userId": str(self.user_id),
+            "agentId": self.agent_id,
+            "status": self.status,
+            "priority": self.priority,
+            "scheduledFor": iso(self.scheduled_for),
+            "sentAt": iso(self.sent_at),
+            "reason": self.reason,
+            "lastError": self.last_error,
+            "attempts": self.attempts,
+            "expiresAt": iso(self.expires_at),
+            "twilioMessageSid": self.twilio_message_sid,
+        }
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    message: StoredMessage
+    created: bool  # False: an earlier request with the same idempotency key
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryContext:
+    """Everything deliver needs, loaded in one round trip."""
+
+    message: StoredMessage
+    user: UserContext
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of trying to claim a message for sending under the user's lock."""
+
+    claimed: bool
+    reason: str  # "ok" when claimed; otherwise a policy reason or the row's state
+    token: uuid.UUID | None = None
+    status: str | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a delivery attempt did, for the HTTP answer and the logs."""
+
+    message_id: uuid.UUID
+    action: str  # sent | deferred | skipped | failed | retry
+    reason: str
+    status: str
+    scheduled_for: datetime | None = None
+    sid: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,102 @@
+"""The interfaces the use cases need. Adapters implement them; tests may fake only those that leave
+the machine (Cloud Tasks, Twilio, Pub/Sub, Anthropic), never the Store."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Protocol
+
+from shared.models import Claim, DeliveryContext, EnqueueResult, NewMessage, StoredMessage, UserContext
+from shared.policy import Limits
+
+
+class Store(Protocol):
+    """The database. Every method is one atomic SQL function call (one transaction).
+
+    Raises shared.errors.StoreUnavailable when the database cannot be reached.
+    """
+
+    def user_context(self, user_id: uuid.UUID, now: datetime) -> UserContext | None:
+        """The user's settings, recent sends, queued reservations and last inbound; None if unknown."""
+        ...
+
+    def enqueue(self, message: NewMessage) -> EnqueueResult:
+        """Insert a queued message (or return the earlier one with the same idempotency key)."""
+        ...
+
+    def get_message(self, message_id: uuid.UUID) -> StoredMessage | None: ...
+
+    def delivery_context(self, message_id: uuid.UUID, now: datetime) -> DeliveryContext | None:
+        """The message and its user's context, or None if there is no such message."""
+        ...
+
+    def claim(
+        self,
+        message_id: uuid.UUID,
+        generation: int,
+        now: datetime,
+        *,
+        limits: Limits,
+        daily_cap: int,
+        day_start: datetime,
+        day_end: datetime,
+        lease_seconds: int,
+    ) -> Claim:
+        """Move a queued message to 'sending' if, under the user's row lock, no limit forbids it."""
+        ...
+
+    def reschedule(
+        self, message_id: uuid.UUID, generation: int, at: datetime, reason: str, now: datetime
+    ) -> int | None:
+        """Plan a queued message for `at`; returns the new task generation, None if not queued."""
+        ...
+
+    def record_sent(
+        self,
+        message_id: uuid.UUID,
+        token: uuid.UUID,
+        *,
+        sid: str,
+        body: str,
+        now: datetime,
+        local_date: str,
+    ) -> bool:
+        """Mark sent, write the outbound messages row and count the budget, in one transaction."""
+        ...
+
+    def release(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, error: str, now: datetime, max_attempts: int
+    ) -> str:
+        """Give a claim back after a transient failure; returns the new status (queued or failed)."""
+        ...
+
+    def fail(self, message_id: uuid.UUID, *, error: str, reason: str, now: datetime) -> bool:
+        """Mark a queued or sending message failed for good."""
+        ...
+
+    def expire(self, message_id: uuid.UUID, now: datetime) -> bool:
+        """Mark a queued message expired."""
+        ...
+
+
+class TaskQueue(Protocol):
+    """Cloud Tasks: wake deliver_message for a message at a time. Idempotent per generation."""
+
+    def schedule(self, message_id: uuid.UUID, generation: int, at: datetime, now: datetime) -> str | None:
+        """Create the task; returns its name, or None when `at` is beyond the queue's horizon.
+
+        Raises shared.errors.Unavailable if the task could not be created.
+        """
+        ...
+
+
+class SmsSender(Protocol):
+    """Twilio."""
+
+    def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
+        """Send one SMS; returns the provider's message sid.
+
+        Raises PermanentSendError (never retry) or TransientSendError (retry later).
+        """
+        ...
