@@ -172,7 +172,9 @@ class ScheduleRequest:
             key = idempotency_header
         elif idempotency_header is not None and idempotency_header != key:
             bad("idempotencyKey", "differs from the Idempotency-Key header")
-        if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY):
+        if key is not None and (
+            not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY
+        ):
             bad("idempotencyKey", f"must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} characters")
 
         expires_at = None
@@ -242,6 +244,7 @@ class StoredMessage:
     conversation_id: uuid.UUID | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    request_hash: str | None = None
 
     def to_public(self) -> dict[str, Any]:
         return {

@@ -17,8 +17,11 @@ class Store(Protocol):
     Raises shared.errors.StoreUnavailable when the database cannot be reached.
     """
 
-    def user_context(self, user_id: uuid.UUID, now: datetime) -> UserContext | None:
-        """The user's settings, recent sends, queued reservations and last inbound; None if unknown."""
+    def user_context(
+        self, user_id: uuid.UUID, now: datetime, exclude: uuid.UUID | None = None
+    ) -> UserContext | None:
+        """The user's settings, recent sends, queued reservations (but `exclude`) and last inbound;
+        None if there is no such user."""
         ...
 
     def enqueue(self, message: NewMessage) -> EnqueueResult:

@@ -1,8 +1,8 @@
 -- Core schema of the message orchestrator. Names follow the system this replaces (seed documents),
 -- with the columns exactly-once delivery needs added. Times are timestamptz; nothing here reads the
--- database clock to decide anything: callers pass the current time in.
+-- database clock to decide anything: callers pass the current time in. gen_random_uuid() is built in
+-- since PostgreSQL 13 (no pgcrypto needed).
 
-create extension if not exists pgcrypto;
 
 create table if not exists users (
     id                  uuid primary key default gen_random_uuid(),

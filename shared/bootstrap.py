@@ -1,0 +1,159 @@
+"""Builds the real adapters from Settings, once per instance (Cloud Functions reuse an instance
+across requests, so clients and connection pools are created on first use and kept).
+
+Tests install a Container of their own with `install()`: a real store on a test database, and
+in-process stand-ins only for what leaves the machine.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.config import Settings
+from shared.errors import OrchestratorError
+from shared.ports import SmsSender, Store, TaskQueue
+from shared.service import Policy
+
+
+class ConfigurationError(OrchestratorError):
+    """The function is not configured: a required environment variable is missing."""
+
+    http_status = 500
+    code = "misconfigured"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Container:
+    """The adapters of one instance. Each is built on first use, so a function only needs the
+    configuration of the ports it uses (schedule_message needs no Twilio credentials)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        tasks: TaskQueue | None = None,
+        sms: SmsSender | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._store = store
+        self._tasks = tasks
+        self._sms = sms
+        self._lock = threading.Lock()
+
+    @property
+    def policy(self) -> Policy:
+        s = self.settings
+        return Policy(
+            limits=s.limits,
+            max_attempts=s.max_attempts,
+            lease_seconds=s.lease_seconds,
+            max_content_length=s.max_content_length,
+        )
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = build_store(self.settings)
+        return self._store
+
+    @property
+    def tasks(self) -> TaskQueue:
+        if self._tasks is None:
+            with self._lock:
+                if self._tasks is None:
+                    self._tasks = build_tasks(self.settings)
+        return self._tasks
+
+    @property
+    def sms(self) -> SmsSender:
+        if self._sms is None:
+            with self._lock:
+                if self._sms is None:
+                    self._sms = build_sms(self.settings)
+        return self._sms
+
+
+def build_store(settings: Settings) -> Store:
+    if settings.database_url:
+        from shared.store.postgres import PostgresStore
+
+        return PostgresStore(settings.database_url, max_size=settings.db_pool_max)
+    if settings.supabase_url and settings.supabase_service_key:
+        from shared.store.supabase import SupabaseStore
+
+        return SupabaseStore.connect(settings.supabase_url, settings.supabase_service_key)
+    raise ConfigurationError("set DATABASE_URL, or SUPABASE_URL and SUPABASE_SERVICE_KEY")
+
+
+def build_tasks(settings: Settings) -> TaskQueue:
+    from shared.tasks import CloudTasksQueue, build_tasks_client
+
+    if not settings.deliver_url:
+        raise ConfigurationError("set DELIVER_URL to the deliver_message function's URL")
+    return CloudTasksQueue(
+        build_tasks_client(settings.cloud_tasks_emulator_host),
+        queue_path=settings.tasks_queue_path,
+        deliver_url=settings.deliver_url,
+        service_account=settings.tasks_service_account,
+    )
+
+
+def build_sms(settings: Settings) -> SmsSender:
+    from shared.sms import TwilioSender, build_twilio_client
+
+    if not (settings.twilio_account_sid and settings.twilio_auth_token):
+        raise ConfigurationError("set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+    if not (settings.twilio_phone_number or settings.twilio_messaging_service_sid):
+        raise ConfigurationError("set TWILIO_PHONE_NUMBER or TWILIO_MESSAGING_SERVICE_SID")
+    client = build_twilio_client(
+        settings.twilio_account_sid,
+        settings.twilio_auth_token,
+        base_url=settings.twilio_api_base_url,
+        timeout_seconds=settings.twilio_timeout_seconds,
+    )
+    return TwilioSender(
+        client,
+        from_number=None if settings.twilio_messaging_service_sid else settings.twilio_phone_number,
+        messaging_service_sid=settings.twilio_messaging_service_sid,
+        status_callback=settings.status_callback_url,
+    )
+
+
+_container: Container | None = None
+_container_lock = threading.Lock()
+
+
+def container() -> Container:
+    """The instance's Container, built from the environment on first use."""
+    global _container
+    if _container is None:
+        with _container_lock:
+            if _container is None:
+                from shared import log
+
+                settings = Settings.from_env()
+                log.configure(settings.log_level)
+                _container = Container(settings)
+    return _container
+
+
+def install(new: Container | None) -> Container | None:
+    """Replace the instance's Container (tests); returns the previous one."""
+    global _container
+    previous, _container = _container, new
+    return previous
+
+
+def describe(c: Container) -> dict[str, Any]:
+    return {"project": c.settings.google_cloud_project, "queue": c.settings.tasks_queue_path}

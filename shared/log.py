@@ -1,0 +1,64 @@
+"""Structured JSON logs that Cloud Logging parses: one object per line with `severity`, `message`
+and the fields an operator filters on (messageId, userId, reason), plus the request's trace."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+_trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace", default=None)
+_configured = False
+
+TRACE_KEY = "logging.googleapis.com/trace"
+
+
+def set_trace(header: str | None, project: str) -> None:
+    """Remember the trace of the current request (X-Cloud-Trace-Context: TRACE_ID/SPAN;o=1)."""
+    if not header:
+        _trace.set(None)
+        return
+    trace_id = header.split("/", 1)[0].strip()
+    _trace.set(f"projects/{project}/traces/{trace_id}" if trace_id else None)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "severity": record.levelname if record.levelname != "WARNING" else "WARNING",
+            "message": record.getMessage(),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update({k: v for k, v in fields.items() if v is not None})
+        trace = _trace.get()
+        if trace:
+            entry[TRACE_KEY] = trace
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure(level: str = "INFO") -> None:
+    """Send every log record to stdout as one JSON line (idempotent)."""
+    global _configured
+    if _configured:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("urllib3", "twilio.http_client", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _configured = True
+
+
+def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
+    """Log `message` with structured fields (None values dropped)."""
+    logger.log(level, message, extra={"fields": fields})

@@ -1,0 +1,427 @@
+"""Use cases: schedule a message, deliver it. Ports come in as arguments (cosmicpython style);
+nothing here knows about HTTP, psycopg, gRPC or Twilio's client."""
+
+from __future__ import annotations
+
+import logging
+import time as _time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from shared import policy
+from shared.errors import (
+    IdempotencyConflict,
+    NotDeliverable,
+    NotFound,
+    OptedOut,
+    PermanentSendError,
+    StoreUnavailable,
+    TransientSendError,
+    Unavailable,
+    ValidationError,
+)
+from shared.log import event
+from shared.models import (
+    FINAL_STATUSES,
+    QUEUED,
+    SENDING,
+    DeliveryContext,
+    NewMessage,
+    Outcome,
+    ScheduleRequest,
+    StoredMessage,
+    UserContext,
+    iso,
+    parse_uuid,
+)
+from shared.ports import SmsSender, Store, TaskQueue
+
+log = logging.getLogger("orchestrator")
+
+Clock = Callable[[], datetime]
+
+# Cloud Tasks may fire a moment before schedule_time; earlier than this counts as an early wake-up.
+EARLY_TOLERANCE = timedelta(seconds=1)
+# record_sent is retried briefly: the SMS is already out, and losing that fact is the worst outcome.
+RECORD_RETRY_DELAYS = (0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The policy settings the use cases need (a slice of Settings)."""
+
+    limits: policy.Limits
+    max_attempts: int = 5
+    lease_seconds: int = 120
+    max_content_length: int = 1600
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    created: bool
+    message: StoredMessage
+
+    def body(self) -> dict[str, Any]:
+        m = self.message
+        return {
+            "success": True,
+            "messageId": str(m.id),
+            "status": m.status,
+            "scheduledFor": iso(m.scheduled_for),
+            "reason": m.reason,
+            "explanation": policy.REASONS.get(m.reason or "", m.reason),
+            "priority": m.priority,
+            "idempotentReplay": not self.created,
+        }
+
+
+def _require_timezone(ctx: UserContext) -> None:
+    if not policy.is_timezone(ctx.settings.timezone):
+        raise ValidationError(
+            [
+                {
+                    "field": "userId",
+                    "reason": f"the user's timezone {ctx.settings.timezone!r} is not a known IANA name",
+                }
+            ]
+        )
+
+
+def schedule(
+    body: Any,
+    *,
+    store: Store,
+    tasks: TaskQueue,
+    config: Policy,
+    now: datetime,
+    idempotency_header: str | None = None,
+) -> ScheduleResult:
+    """Validate, plan the earliest allowed time, store the row, create its Cloud Task."""
+    request = ScheduleRequest.parse(
+        body, now=now, max_content_length=config.max_content_length, idempotency_header=idempotency_header
+    )
+    ctx = store.user_context(request.user_id, now)
+    if ctx is None:
+        raise NotFound(f"no user with id {request.user_id}", field="userId")
+    _require_timezone(ctx)
+    decision = policy.plan(ctx.settings, config.limits, ctx.history, now, request.priority, request.can_delay)
+    if decision.reason == policy.OPTED_OUT:
+        raise OptedOut(userId=str(request.user_id))
+    if decision.at is None:
+        raise NotDeliverable("no allowed delivery time within the planning horizon", reason=decision.reason)
+    if request.expires_at is not None and decision.at >= request.expires_at:
+        raise NotDeliverable(
+            "the earliest allowed delivery time is after expiresAt",
+            reason=decision.reason,
+            earliestAllowed=iso(decision.at),
+            expiresAt=iso(request.expires_at),
+        )
+    result = store.enqueue(
+        NewMessage(request=request, scheduled_for=decision.at, reason=decision.reason, now=now)
+    )
+    message = result.message
+    if not result.created:
+        if result.request_hash != request.request_hash:
+            raise IdempotencyConflict(idempotencyKey=request.idempotency_key, messageId=str(message.id))
+        event(log, logging.INFO, "idempotent replay", messageId=str(message.id), agentId=request.agent_id)
+        return ScheduleResult(created=False, message=message)
+    _wake(tasks, message, message.generation, message.scheduled_for, now)
+    event(
+        log,
+        logging.INFO,
+        "message scheduled",
+        messageId=str(message.id),
+        userId=str(message.user_id),
+        agentId=message.agent_id,
+        priority=message.priority,
+        scheduledFor=iso(message.scheduled_for),
+        reason=decision.reason,
+        blockedBy=list(decision.blocked_by),
+    )
+    return ScheduleResult(created=True, message=message)
+
+
+def _wake(tasks: TaskQueue, message: StoredMessage, generation: int, at: datetime, now: datetime) -> None:
+    """Create the Cloud Task for a stored row. A failure is logged, not raised: the row is the truth
+    and the sweep creates tasks for queued rows that have none."""
+    try:
+        name = tasks.schedule(message.id, generation, at, now)
+    except Unavailable as exc:
+        event(
+            log,
+            logging.ERROR,
+            "task creation failed; the sweep will pick the message up",
+            messageId=str(message.id),
+            userId=str(message.user_id),
+            generation=generation,
+            reason="task_create_failed",
+            error=exc.message,
+            cause=repr(exc.__cause__) if exc.__cause__ else None,
+        )
+        return
+    if name is None:
+        event(
+            log,
+            logging.INFO,
+            "beyond the Cloud Tasks horizon; the sweep will create the task when it comes in range",
+            messageId=str(message.id),
+            scheduledFor=iso(at),
+            reason="beyond_task_horizon",
+        )
+
+
+def get_message(message_id: str, *, store: Store) -> StoredMessage:
+    parsed = parse_uuid(message_id)
+    if parsed is None:
+        raise ValidationError([{"field": "messageId", "reason": "must be a UUID"}])
+    message = store.get_message(parsed)
+    if message is None:
+        raise NotFound(f"no message with id {parsed}", field="messageId")
+    return message
+
+
+def parse_task(body: Any) -> tuple[uuid.UUID, int | None]:
+    """The deliver task's body: {"messageId": uuid, "generation": int (optional)}."""
+    if not isinstance(body, dict):
+        raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
+    errors = []
+    message_id = parse_uuid(body.get("messageId"))
+    if message_id is None:
+        errors.append({"field": "messageId", "reason": "must be a UUID"})
+    generation = body.get("generation")
+    if generation is not None and (
+        not isinstance(generation, int) or isinstance(generation, bool) or generation < 0
+    ):
+        errors.append({"field": "generation", "reason": "must be a non-negative integer"})
+    if errors:
+        raise ValidationError(errors)
+    assert message_id is not None
+    return message_id, generation
+
+
+def deliver(
+    body: Any,
+    *,
+    store: Store,
+    tasks: TaskQueue,
+    sms: SmsSender,
+    config: Policy,
+    clock: Clock,
+) -> Outcome:
+    """Handle one Cloud Task: re-check, claim, send, record. Safe to run any number of times."""
+    message_id, generation = parse_task(body)
+    now = clock()
+    ctx = store.delivery_context(message_id, now)
+    if ctx is None:
+        return _outcome(logging.WARNING, message_id, "skipped", "not_found", "unknown")
+    m = ctx.message
+    fields: dict[str, Any] = {"userId": str(m.user_id), "agentId": m.agent_id, "priority": m.priority}
+    if m.status in FINAL_STATUSES:
+        return _outcome(logging.INFO, m.id, "skipped", f"already_{m.status}", m.status, **fields)
+    if m.status == SENDING:
+        return _outcome(logging.INFO, m.id, "skipped", "in_flight", m.status, **fields)
+    if generation is not None and generation != m.generation:
+        return _outcome(
+            logging.INFO, m.id, "skipped", "stale_task", m.status, taskGeneration=generation, **fields
+        )
+    if m.expires_at is not None and m.expires_at <= now:
+        store.expire(m.id, now)
+        return _outcome(logging.INFO, m.id, "expired", "expired", "expired", **fields)
+    if not policy.is_timezone(ctx.user.settings.timezone):
+        store.fail(
+            m.id, error=f"unknown timezone {ctx.user.settings.timezone!r}", reason="invalid_timezone", now=now
+        )
+        return _outcome(logging.ERROR, m.id, "failed", "invalid_timezone", "failed", **fields)
+    if now < m.scheduled_for - EARLY_TOLERANCE:
+        # Woken early (or by an old task of the same generation): keep the plan, with a fresh task.
+        return _defer(store, tasks, m, m.scheduled_for, "early_task", now, fields)
+
+    decision = policy.check_now(
+        ctx.user.settings, config.limits, ctx.user.history, now, m.priority, m.can_delay
+    )
+    if decision.reason == policy.OPTED_OUT:
+        store.fail(m.id, error="the user opted out", reason="opted_out", now=now)
+        return _outcome(logging.INFO, m.id, "failed", "opted_out", "failed", **fields)
+    if not decision.allowed_now:
+        return _replan(store, tasks, ctx, config, now, decision.reason, fields)
+
+    limits = ctx.user.settings.limits(config.limits)
+    _, day_start, day_end = policy.local_day_bounds(ctx.user.settings.timezone, now)
+    claim = store.claim(
+        m.id,
+        m.generation,
+        now,
+        limits=limits,
+        daily_cap=limits.cap(m.priority, m.can_delay),
+        day_start=day_start,
+        day_end=day_end,
+        lease_seconds=config.lease_seconds,
+    )
+    if not claim.claimed:
+        if claim.reason in ("not_found", "not_queued", "stale_task"):
+            return _outcome(logging.INFO, m.id, "skipped", claim.reason, claim.status or m.status, **fields)
+        if claim.reason == "opted_out":
+            store.fail(m.id, error="the user opted out", reason="opted_out", now=now)
+            return _outcome(logging.INFO, m.id, "failed", "opted_out", "failed", **fields)
+        if claim.reason == "expired":
+            store.expire(m.id, now)
+            return _outcome(logging.INFO, m.id, "expired", "expired", "expired", **fields)
+        # Another delivery for this user won the lock: plan again from what the database now holds.
+        return _replan(store, tasks, ctx, config, now, claim.reason, fields)
+    assert claim.token is not None
+    return _send(store, sms, ctx, config, clock, claim.token, claim.attempts, fields)
+
+
+def _send(
+    store: Store,
+    sms: SmsSender,
+    ctx: DeliveryContext,
+    config: Policy,
+    clock: Clock,
+    token: uuid.UUID,
+    attempts: int,
+    fields: dict[str, Any],
+) -> Outcome:
+    m = ctx.message
+    try:
+        sid = sms.send(ctx.user.phone_number, m.content, message_id=m.id)
+    except PermanentSendError as exc:
+        code = exc.provider_code or "unknown"
+        store.fail(m.id, error=f"twilio {code}: {exc.message}", reason=f"twilio_{code}", now=clock())
+        return _outcome(
+            logging.WARNING, m.id, "failed", f"twilio_{code}", "failed", error=exc.message, **fields
+        )
+    except TransientSendError as exc:
+        code = exc.provider_code or str(exc.provider_status or "transient")
+        status = store.release(
+            m.id, token, error=f"twilio {code}: {exc.message}", now=clock(), max_attempts=config.max_attempts
+        )
+        if status == "failed":
+            return _outcome(
+                logging.ERROR,
+                m.id,
+                "failed",
+                "attempts_exhausted",
+                status,
+                attempts=attempts,
+                error=exc.message,
+                **fields,
+            )
+        return _outcome(
+            logging.WARNING,
+            m.id,
+            "retry",
+            f"twilio_{code}",
+            status,
+            attempts=attempts,
+            error=exc.message,
+            **fields,
+        )
+    sent_at = clock()
+    local_date = sent_at.astimezone(policy.zone(ctx.user.settings.timezone)).date().isoformat()
+    for delay in (*RECORD_RETRY_DELAYS, None):
+        try:
+            store.record_sent(m.id, token, sid=sid, body=m.content, now=sent_at, local_date=local_date)
+            break
+        except StoreUnavailable:
+            if delay is None:
+                # The SMS went out; the row stays 'sending' and the sweep reconciles it by sid.
+                event(
+                    log,
+                    logging.CRITICAL,
+                    "sent but not recorded: database unavailable",
+                    messageId=str(m.id),
+                    twilioMessageSid=sid,
+                    reason="record_failed",
+                    **fields,
+                )
+                raise
+            _time.sleep(delay)
+    return _outcome(
+        logging.INFO, m.id, "sent", "ok", "sent", sid=sid, attempts=attempts, sentAt=iso(sent_at), **fields
+    )
+
+
+def _replan(
+    store: Store,
+    tasks: TaskQueue,
+    ctx: DeliveryContext,
+    config: Policy,
+    now: datetime,
+    reason: str,
+    fields: dict[str, Any],
+) -> Outcome:
+    """Not allowed now: plan the next allowed time against the freshest state, with a new task."""
+    m = ctx.message
+    fresh = store.user_context(m.user_id, now, exclude=m.id) or ctx.user
+    decision = policy.plan(fresh.settings, config.limits, fresh.history, now, m.priority, m.can_delay)
+    if decision.reason == policy.OPTED_OUT:
+        store.fail(m.id, error="the user opted out", reason="opted_out", now=now)
+        return _outcome(logging.INFO, m.id, "failed", "opted_out", "failed", **fields)
+    at = decision.at or now + timedelta(hours=1)
+    floor = now + (config.limits.cooldown if reason == policy.IN_FLIGHT else timedelta(seconds=1))
+    # The database refused what the policy allowed (a racing claim it has not seen yet): never
+    # re-plan for now, which would spin.
+    at = max(at, floor)
+    if m.expires_at is not None and at >= m.expires_at:
+        # Never sent late: it cannot go out before it expires, so it expires now, with the reason.
+        store.expire(m.id, now)
+        return _outcome(
+            logging.INFO, m.id, "expired", f"expires_before_allowed:{reason}", "expired", **fields
+        )
+    return _defer(store, tasks, m, at, reason, now, fields)
+
+
+def _defer(
+    store: Store,
+    tasks: TaskQueue,
+    m: StoredMessage,
+    at: datetime,
+    reason: str,
+    now: datetime,
+    fields: dict[str, Any],
+) -> Outcome:
+    generation = store.reschedule(m.id, m.generation, at, reason, now)
+    if generation is None:
+        return _outcome(logging.INFO, m.id, "skipped", "not_queued", m.status, **fields)
+    _wake(tasks, m, generation, at, now)
+    return _outcome(
+        logging.INFO, m.id, "deferred", reason, QUEUED, scheduled_for=at, generation=generation, **fields
+    )
+
+
+def _outcome(
+    level: int,
+    message_id: uuid.UUID,
+    action: str,
+    reason: str,
+    status: str,
+    *,
+    scheduled_for: datetime | None = None,
+    sid: str | None = None,
+    **extra: Any,
+) -> Outcome:
+    event(
+        log,
+        level,
+        f"deliver: {action} ({reason})",
+        messageId=str(message_id),
+        action=action,
+        reason=reason,
+        status=status,
+        scheduledFor=iso(scheduled_for),
+        twilioMessageSid=sid,
+        **extra,
+    )
+    return Outcome(
+        message_id=message_id,
+        action=action,
+        reason=reason,
+        status=status,
+        scheduled_for=scheduled_for,
+        sid=sid,
+        extra=extra,
+    )

@@ -1,0 +1,121 @@
+"""Decode the jsonb shapes the SQL functions return into domain types (shared by both stores)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, time
+from typing import Any
+
+from shared.errors import NotFound, ValidationError
+from shared.models import Claim, DeliveryContext, EnqueueResult, StoredMessage, UserContext
+from shared.policy import History, Reservation, UserSettings
+
+
+def instant(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _required_instant(value: Any) -> datetime:
+    parsed = instant(value)
+    if parsed is None:
+        raise ValueError("missing timestamp")
+    return parsed
+
+
+def _time(value: Any) -> time | None:
+    return None if value is None else time.fromisoformat(str(value))
+
+
+def _uuid(value: Any) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(str(value))
+
+
+def message(row: dict[str, Any]) -> StoredMessage:
+    data = row.get("message_data") or {}
+    content = row.get("final_message") or (data.get("content") if isinstance(data, dict) else None) or ""
+    return StoredMessage(
+        id=uuid.UUID(str(row["id"])),
+        user_id=uuid.UUID(str(row["user_id"])),
+        agent_id=row["agent_id"],
+        status=row["status"],
+        priority=row["priority"],
+        content=content,
+        scheduled_for=_required_instant(row["scheduled_for"]),
+        can_delay=bool(row.get("can_delay", True)),
+        generation=int(row.get("task_generation") or 0),
+        attempts=int(row.get("attempts") or 0),
+        reason=row.get("reason"),
+        last_error=row.get("last_error"),
+        expires_at=instant(row.get("expires_at")),
+        sent_at=instant(row.get("sent_at")),
+        twilio_message_sid=row.get("twilio_message_sid"),
+        conversation_id=_uuid(row.get("conversation_context_id")),
+        created_at=instant(row.get("created_at")),
+        updated_at=instant(row.get("updated_at")),
+        request_hash=row.get("request_hash"),
+    )
+
+
+def user_settings(row: dict[str, Any]) -> UserSettings:
+    return UserSettings(
+        timezone=row.get("timezone") or "UTC",
+        quiet_hours_start=_time(row.get("quiet_hours_start")),
+        quiet_hours_end=_time(row.get("quiet_hours_end")),
+        quiet_hours_enabled=bool(row.get("quiet_hours_enabled", True)),
+        daily_limit=row.get("daily_limit"),
+        hourly_limit=row.get("hourly_limit"),
+        opted_out=row.get("opted_out_at") is not None,
+    )
+
+
+def user_context(doc: dict[str, Any] | None) -> UserContext | None:
+    if not doc:
+        return None
+    user = doc["user"]
+    history = History(
+        sends=[_required_instant(s) for s in doc.get("sends") or []],
+        reservations=[
+            Reservation(at=_required_instant(r["at"]), priority=r["priority"])
+            for r in doc.get("reservations") or []
+        ],
+        last_inbound_at=instant(doc.get("last_inbound_at")),
+    )
+    return UserContext(
+        user_id=uuid.UUID(str(user["id"])),
+        phone_number=user["phone_number"],
+        settings=user_settings(user),
+        history=history,
+    )
+
+
+def delivery_context(doc: dict[str, Any] | None) -> DeliveryContext | None:
+    if not doc:
+        return None
+    ctx = user_context(doc.get("context"))
+    if ctx is None:
+        return None
+    return DeliveryContext(message=message(doc["message"]), user=ctx)
+
+
+def claim(doc: dict[str, Any]) -> Claim:
+    return Claim(
+        claimed=bool(doc.get("claimed")),
+        reason=str(doc.get("reason")),
+        token=_uuid(doc.get("token")),
+        status=doc.get("status"),
+        attempts=int(doc.get("attempts") or 0),
+    )
+
+
+def enqueue_result(doc: dict[str, Any]) -> EnqueueResult:
+    error = doc.get("error")
+    if error == "unknown_user":
+        raise NotFound("no such user", field="userId")
+    if error == "unknown_conversation":
+        raise ValidationError([{"field": "conversationId", "reason": "no such conversation for this user"}])
+    stored = message(doc["message"])
+    return EnqueueResult(message=stored, created=bool(doc.get("created")), request_hash=stored.request_hash)

@@ -1,0 +1,164 @@
+"""The Store on PostgreSQL through psycopg (DATABASE_URL; Supabase's transaction pooler included).
+
+Every method is one `select mq_...(...)` in autocommit mode: one round trip, one transaction.
+`prepare_threshold=None` because Supabase's transaction pooler (PgBouncer/Supavisor in transaction
+mode) cannot keep server-side prepared statements across transactions.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from shared.errors import OrchestratorError, StoreUnavailable
+from shared.models import Claim, DeliveryContext, EnqueueResult, NewMessage, StoredMessage, UserContext
+from shared.policy import Limits
+from shared.store import decode
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(OrchestratorError):
+    """The database rejected an operation."""
+
+
+class PostgresStore:
+    def __init__(self, conninfo: str, *, max_size: int = 4, timeout: float = 5.0) -> None:
+        self._pool = ConnectionPool(
+            conninfo,
+            min_size=0,
+            max_size=max_size,
+            timeout=timeout,
+            open=True,
+            check=ConnectionPool.check_connection,
+            kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": max(1, int(timeout))},
+            name="message-orchestrator",
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def call(self, function: str, args: Sequence[Any]) -> Any:
+        """`select function(args...)`, translating database errors at this boundary."""
+        placeholders = ", ".join(["%s"] * len(args))
+        query = f"select {function}({placeholders})"
+        try:
+            with self._pool.connection() as conn:
+                row = conn.execute(query, list(args)).fetchone()
+        except PoolTimeout as exc:
+            raise StoreUnavailable() from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise StoreUnavailable() from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"database error in {function}: {type(exc).__name__}") from exc
+        return None if row is None else row[0]
+
+    def user_context(
+        self, user_id: uuid.UUID, now: datetime, exclude: uuid.UUID | None = None
+    ) -> UserContext | None:
+        return decode.user_context(self.call("mq_user_context", [user_id, now, exclude]))
+
+    def enqueue(self, message: NewMessage) -> EnqueueResult:
+        r = message.request
+        doc = self.call(
+            "mq_enqueue",
+            [
+                r.user_id,
+                r.agent_id,
+                Jsonb(r.message_data),
+                r.content,
+                message.scheduled_for,
+                r.priority,
+                r.can_delay,
+                r.requires_fresh_context,
+                r.conversation_id,
+                r.idempotency_key,
+                r.request_hash,
+                r.expires_at,
+                message.reason,
+                message.now,
+            ],
+        )
+        return decode.enqueue_result(doc)
+
+    def get_message(self, message_id: uuid.UUID) -> StoredMessage | None:
+        doc = self.call("mq_get", [message_id])
+        return None if doc is None else decode.message(doc)
+
+    def delivery_context(self, message_id: uuid.UUID, now: datetime) -> DeliveryContext | None:
+        return decode.delivery_context(self.call("mq_delivery_context", [message_id, now]))
+
+    def claim(
+        self,
+        message_id: uuid.UUID,
+        generation: int,
+        now: datetime,
+        *,
+        limits: Limits,
+        daily_cap: int,
+        day_start: datetime,
+        day_end: datetime,
+        lease_seconds: int,
+    ) -> Claim:
+        doc = self.call(
+            "mq_claim",
+            [
+                message_id,
+                generation,
+                now,
+                lease_seconds,
+                limits.cooldown_seconds,
+                limits.hourly_limit,
+                daily_cap,
+                day_start,
+                day_end,
+            ],
+        )
+        return decode.claim(doc)
+
+    def reschedule(
+        self, message_id: uuid.UUID, generation: int, at: datetime, reason: str, now: datetime
+    ) -> int | None:
+        doc = self.call("mq_reschedule", [message_id, generation, at, reason, now])
+        return None if doc is None else int(doc)
+
+    def record_sent(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, sid: str, body: str, now: datetime, local_date: str
+    ) -> bool:
+        doc = self.call("mq_record_sent", [message_id, token, sid, body, now, local_date])
+        return bool(doc and doc.get("recorded"))
+
+    def release(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, error: str, now: datetime, max_attempts: int
+    ) -> str:
+        return str(self.call("mq_release", [message_id, token, error, now, max_attempts]))
+
+    def fail(self, message_id: uuid.UUID, *, error: str, reason: str, now: datetime) -> bool:
+        return bool(self.call("mq_fail", [message_id, error, reason, now]))
+
+    def expire(self, message_id: uuid.UUID, now: datetime) -> bool:
+        return bool(self.call("mq_expire", [message_id, now]))
+
+    # Not part of the use cases' port: demo, tests and operators.
+    def upsert_user(self, phone_number: str, timezone: str, **settings: Any) -> dict[str, Any]:
+        names = ["p_" + k for k in settings]
+        args: list[Any] = [phone_number, timezone, *settings.values()]
+        named = ", ".join(f"{n} => %s" for n in names)
+        query_args = ", ".join(["%s", "%s"] + ([named] if named else []))
+        try:
+            with self._pool.connection() as conn:
+                row = conn.execute(f"select mq_upsert_user({query_args})", args).fetchone()
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise StoreUnavailable() from exc
+        assert row is not None
+        return dict(row[0])
+
+    def record_inbound(self, user_id: uuid.UUID, body: str, sid: str | None, now: datetime) -> dict[str, Any]:
+        return dict(self.call("mq_record_inbound", [user_id, body, sid, now]))

@@ -1,0 +1,143 @@
+"""HTTP glue for the entry points: parse the request, call a use case, turn the result or a
+domain error into a JSON answer. Never a stack trace or a bare 500 to the caller."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flask
+
+from shared import service
+from shared.bootstrap import Container
+from shared.errors import OrchestratorError, ValidationError
+from shared.log import event, set_trace
+from shared.models import iso
+
+log = logging.getLogger("orchestrator.http")
+
+MAX_BODY_BYTES = 64 * 1024
+_MESSAGE_PATH = re.compile(r"^/(?:messages/)?(?P<id>[^/]+)/?$")
+
+Response = tuple[str, int, dict[str, str]]
+
+
+def respond(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    h = {"Content-Type": "application/json"}
+    if headers:
+        h.update(headers)
+    return json.dumps(body, ensure_ascii=False), status, h
+
+
+def _json_body(request: flask.Request) -> Any:
+    if request.mimetype != "application/json":
+        raise ValidationError(
+            [
+                {
+                    "field": "Content-Type",
+                    "reason": f"must be application/json, got {request.mimetype or 'none'!r}",
+                }
+            ]
+        )
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ValidationError([{"field": "body", "reason": f"must be at most {MAX_BODY_BYTES} bytes"}])
+    raw = request.get_data(cache=True)
+    if len(raw) > MAX_BODY_BYTES:
+        raise ValidationError([{"field": "body", "reason": f"must be at most {MAX_BODY_BYTES} bytes"}])
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValidationError([{"field": "body", "reason": f"malformed JSON: {exc}"}]) from exc
+
+
+def handle(request: flask.Request, c: Container, name: str, fn: Callable[[], Response]) -> Response:
+    """Run `fn`, mapping domain errors to their HTTP status; anything unexpected is a logged 500."""
+    set_trace(request.headers.get("X-Cloud-Trace-Context"), c.settings.google_cloud_project)
+    try:
+        return fn()
+    except OrchestratorError as exc:
+        level = logging.ERROR if exc.http_status >= 500 else logging.INFO
+        event(
+            log,
+            level,
+            f"{name}: {exc.code}",
+            function=name,
+            status=exc.http_status,
+            reason=exc.code,
+            error=exc.message,
+            cause=repr(exc.__cause__) if exc.__cause__ else None,
+        )
+        headers = {"Retry-After": "5"} if exc.http_status == 503 else None
+        return respond(exc.http_status, exc.to_dict(), headers)
+    except Exception:
+        log.exception(
+            "%s: unexpected error", name, extra={"fields": {"function": name, "reason": "internal_error"}}
+        )
+        return respond(
+            500, {"success": False, "error": "internal_error", "message": "internal error; see logs"}
+        )
+
+
+def schedule_message(request: flask.Request, c: Container) -> Response:
+    def run() -> Response:
+        if request.method == "GET":
+            match = _MESSAGE_PATH.match(request.path)
+            if not match:
+                return respond(404, {"success": False, "error": "not_found", "message": "GET /messages/<id>"})
+            message = service.get_message(match.group("id"), store=c.store)
+            return respond(200, {"success": True, **message.to_public()})
+        if request.method != "POST":
+            return respond(
+                405,
+                {
+                    "success": False,
+                    "error": "method_not_allowed",
+                    "message": "use POST, or GET /messages/<id>",
+                },
+                {"Allow": "GET, POST"},
+            )
+        body = _json_body(request)
+        result = service.schedule(
+            body,
+            store=c.store,
+            tasks=c.tasks,
+            config=c.policy,
+            now=c.clock(),
+            idempotency_header=request.headers.get("Idempotency-Key"),
+        )
+        return respond(201 if result.created else 200, result.body())
+
+    return handle(request, c, "schedule_message", run)
+
+
+def deliver_message(request: flask.Request, c: Container) -> Response:
+    def run() -> Response:
+        if request.method != "POST":
+            return respond(
+                405,
+                {"success": False, "error": "method_not_allowed", "message": "use POST"},
+                {"Allow": "POST"},
+            )
+        body = _json_body(request)
+        outcome = service.deliver(
+            body, store=c.store, tasks=c.tasks, sms=c.sms, config=c.policy, clock=c.clock
+        )
+        payload = {
+            "success": outcome.action not in ("retry",),
+            "messageId": str(outcome.message_id),
+            "action": outcome.action,
+            "reason": outcome.reason,
+            "status": outcome.status,
+            "scheduledFor": iso(outcome.scheduled_for),
+            "twilioMessageSid": outcome.sid,
+            "taskRetryCount": request.headers.get("X-CloudTasks-TaskRetryCount"),
+        }
+        if outcome.action == "retry":
+            # Non-2xx makes Cloud Tasks retry with the queue's backoff.
+            return respond(503, payload, {"Retry-After": "10"})
+        return respond(200, payload)
+
+    return handle(request, c, "deliver_message", run)

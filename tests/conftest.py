@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.pg import PgCluster
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    cluster = PgCluster(tmp_path_factory.mktemp("pg") / "data")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def database_url(pg_cluster: PgCluster) -> Iterator[str]:
+    """A fresh database with every migration applied, dropped after the test."""
+    with pg_cluster.fresh_database() as url:
+        yield url
