@@ -4,7 +4,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.sms_fixtures import sms_sink, twilio_client, twilio_sender
 from tests.support.pg import PgCluster
+
+__all__ = ["database_url", "pg_cluster", "sms_sink", "twilio_client", "twilio_sender"]
 
 
 @pytest.fixture(scope="session")
