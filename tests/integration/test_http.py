@@ -1,0 +1,259 @@
+"""The HTTP functions through functions-framework's own app (create_app(...).test_client()), on real
+Postgres, with recorded request bodies from tests/data."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from functions_framework import create_app
+
+from shared import bootstrap
+from shared.config import Settings
+from shared.dev.sink import SmsSink
+from shared.sms import TwilioSender
+from shared.store.postgres import PostgresStore
+from tests.support.factories import make_user, row, sql, table_counts
+from tests.support.fakes import RecordingTaskQueue, VirtualClock
+
+MAIN = str(Path(__file__).resolve().parents[2] / "functions" / "main.py")
+DATA = Path(__file__).resolve().parents[1] / "data" / "schedule_message"
+T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[PostgresStore]:
+    s = PostgresStore(database_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def tasks() -> RecordingTaskQueue:
+    return RecordingTaskQueue()
+
+
+@pytest.fixture
+def container(
+    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender
+) -> Iterator[bootstrap.Container]:
+    c = bootstrap.Container(Settings(), store=store, tasks=tasks, sms=twilio_sender, clock=VirtualClock(T0))
+    previous = bootstrap.install(c)
+    yield c
+    bootstrap.install(previous)
+
+
+@pytest.fixture
+def schedule_client(container: bootstrap.Container) -> FlaskClient:
+    return create_app("schedule_message", MAIN).test_client()
+
+
+@pytest.fixture
+def deliver_client(container: bootstrap.Container) -> FlaskClient:
+    return create_app("deliver_message", MAIN).test_client()
+
+
+def load(name: str, **subst: str) -> Any:
+    text = (DATA / name).read_text()
+    for key, value in subst.items():
+        text = text.replace("{" + key + "}", value)
+    return json.loads(text)
+
+
+def test_schedule_answers_201_with_the_plan_and_status_is_readable(
+    schedule_client: FlaskClient, store: PostgresStore, tasks: RecordingTaskQueue, database_url: str
+) -> None:
+    user = make_user(store, "America/Chicago")
+    resp = schedule_client.post("/", json=load("valid.json", userId=str(user)))
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["success"] is True and body["status"] == "queued"
+    assert body["scheduledFor"] == "2025-06-02T15:00:00.000Z" and body["reason"] == "ok"
+    message_id = uuid.UUID(body["messageId"])
+    assert row(database_url, message_id)["priority"] == "high"
+    assert [t.message_id for t in tasks.tasks] == [message_id]
+
+    got = schedule_client.get(f"/messages/{message_id}")
+    assert got.status_code == 200
+    status = got.get_json()
+    assert status["status"] == "queued" and status["scheduledFor"] == body["scheduledFor"]
+    assert status["sentAt"] is None and status["reason"] == "ok"
+
+
+def test_a_second_message_is_planned_after_the_cooldown_with_its_reason(
+    schedule_client: FlaskClient, store: PostgresStore
+) -> None:
+    user = make_user(store, "America/Chicago")
+    payload = load("valid.json", userId=str(user))
+    schedule_client.post("/", json=payload)
+    second = schedule_client.post("/", json=payload).get_json()
+    assert second["scheduledFor"] == "2025-06-02T15:00:30.000Z"
+    assert second["reason"] == "cooldown" and "cooldown" in second["explanation"]
+
+
+BAD = load("bad_inputs.json")
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c["case"] for c in BAD])
+def test_bad_input_answers_400_naming_each_field_and_writes_nothing(
+    schedule_client: FlaskClient, store: PostgresStore, database_url: str, case: dict[str, Any]
+) -> None:
+    user = make_user(store)
+    body = json.loads(json.dumps(case["body"]).replace("{userId}", str(user)).replace("{long}", "x" * 1601))
+    before = table_counts(database_url)
+    resp = schedule_client.post("/", json=body)
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    answer = resp.get_json()
+    assert answer["success"] is False and answer["error"] == "invalid_request"
+    assert sorted(e["field"] for e in answer["errors"]) == sorted(case["fields"])
+    assert all(e["reason"] for e in answer["errors"])
+    assert table_counts(database_url) == before
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "field"),
+    [
+        (b'{"userId": ', "application/json", "body"),
+        (b"\xff\xfe", "application/json", "body"),
+        (b"userId=1", "application/x-www-form-urlencoded", "Content-Type"),
+        (b'{"userId": "x"}', "text/plain", "Content-Type"),
+        (b"", "", "Content-Type"),
+    ],
+)
+def test_unparseable_requests_answer_400(
+    schedule_client: FlaskClient, database_url: str, data: bytes, content_type: str, field: str
+) -> None:
+    before = table_counts(database_url)
+    resp = schedule_client.post("/", data=data, content_type=content_type)
+    assert resp.status_code == 400
+    assert [e["field"] for e in resp.get_json()["errors"]] == [field]
+    assert table_counts(database_url) == before
+
+
+def test_unknown_user_answers_404(schedule_client: FlaskClient, database_url: str) -> None:
+    before = table_counts(database_url)
+    resp = schedule_client.post("/", json=load("valid.json", userId=str(uuid.uuid4())))
+    assert resp.status_code == 404
+    assert resp.get_json()["error"] == "not_found" and resp.get_json()["field"] == "userId"
+    assert table_counts(database_url) == before
+
+
+def test_a_user_with_an_unknown_timezone_answers_400(
+    schedule_client: FlaskClient, store: PostgresStore, database_url: str
+) -> None:
+    user = make_user(store, "Mars/Olympus_Mons")
+    before = table_counts(database_url)
+    resp = schedule_client.post("/", json=load("valid.json", userId=str(user)))
+    assert resp.status_code == 400
+    [error] = resp.get_json()["errors"]
+    assert error["field"] == "userId" and "Mars/Olympus_Mons" in error["reason"]
+    assert table_counts(database_url) == before
+
+
+def test_an_opted_out_user_answers_409(schedule_client: FlaskClient, store: PostgresStore, database_url: str) -> None:
+    user = make_user(store)
+    sql(database_url, "update users set opted_out_at = %s where id = %s", T0, user)
+    before = table_counts(database_url)
+    resp = schedule_client.post("/", json=load("valid.json", userId=str(user)))
+    assert resp.status_code == 409 and resp.get_json()["error"] == "opted_out"
+    assert table_counts(database_url) == before
+
+
+def test_a_message_that_cannot_go_out_before_it_expires_is_refused(
+    schedule_client: FlaskClient, store: PostgresStore, database_url: str
+) -> None:
+    user = make_user(store, "America/New_York")
+    # 23:00 in New York: quiet hours until 08:00, but the message expires at midnight.
+    body = load("valid.json", userId=str(user)) | {"priority": "medium", "expiresAt": "2025-06-03T04:00:00Z"}
+    container = bootstrap.container()
+    container.clock = VirtualClock(datetime(2025, 6, 3, 3, 0, tzinfo=UTC))  # type: ignore[assignment]
+    before = table_counts(database_url)
+    resp = schedule_client.post("/", json=body)
+    assert resp.status_code == 422
+    answer = resp.get_json()
+    assert answer["error"] == "not_deliverable" and answer["reason"] == "quiet_hours"
+    assert answer["earliestAllowed"] == "2025-06-03T12:00:00.000Z"
+    assert table_counts(database_url) == before
+
+
+def test_idempotency_key_replays_and_conflicts(
+    schedule_client: FlaskClient, store: PostgresStore, tasks: RecordingTaskQueue, database_url: str
+) -> None:
+    user = make_user(store)
+    body = load("valid.json", userId=str(user))
+    first = schedule_client.post("/", json=body, headers={"Idempotency-Key": "turn-42"})
+    assert first.status_code == 201
+    replay = schedule_client.post("/", json=body | {"idempotencyKey": "turn-42"})
+    assert replay.status_code == 200
+    assert replay.get_json()["messageId"] == first.get_json()["messageId"]
+    assert replay.get_json()["idempotentReplay"] is True
+    other = body | {"messageData": {"content": "something else"}}
+    conflict = schedule_client.post("/", json=other, headers={"Idempotency-Key": "turn-42"})
+    assert conflict.status_code == 409 and conflict.get_json()["error"] == "idempotency_key_reused"
+    assert sql(database_url, "select count(*) from message_queue") == [(1,)]
+    assert len(tasks.tasks) == 1
+
+
+def test_a_task_creation_failure_still_answers_201_and_keeps_the_row(
+    schedule_client: FlaskClient, store: PostgresStore, tasks: RecordingTaskQueue, database_url: str
+) -> None:
+    user = make_user(store)
+    tasks.fail_next = 1
+    resp = schedule_client.post("/", json=load("valid.json", userId=str(user)))
+    assert resp.status_code == 201
+    assert row(database_url, uuid.UUID(resp.get_json()["messageId"]))["status"] == "queued"
+    assert tasks.tasks == []
+
+
+def test_get_of_an_unknown_or_malformed_message_id(schedule_client: FlaskClient) -> None:
+    assert schedule_client.get(f"/messages/{uuid.uuid4()}").status_code == 404
+    bad = schedule_client.get("/messages/not-a-uuid")
+    assert bad.status_code == 400 and bad.get_json()["errors"][0]["field"] == "messageId"
+    assert schedule_client.put("/").status_code == 405
+
+
+def test_database_outage_answers_503_without_a_stack_trace(tasks: RecordingTaskQueue) -> None:
+    dead = PostgresStore("postgresql://postgres@127.0.0.1:1/none", timeout=1.0)
+    c = bootstrap.Container(Settings(), store=dead, tasks=tasks, clock=VirtualClock(T0))
+    previous = bootstrap.install(c)
+    try:
+        client = create_app("schedule_message", MAIN).test_client()
+        resp = client.post("/", json=load("valid.json", userId=str(uuid.uuid4())))
+        assert resp.status_code == 503
+        assert resp.get_json()["error"] == "database_unavailable"
+        assert "Traceback" not in resp.get_data(as_text=True) and resp.headers["Retry-After"]
+        assert tasks.tasks == []
+    finally:
+        bootstrap.install(previous)
+        dead.close()
+
+
+def test_deliver_over_http(
+    schedule_client: FlaskClient,
+    deliver_client: FlaskClient,
+    store: PostgresStore,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15551119999")
+    message_id = schedule_client.post("/", json=load("valid.json", userId=str(user))).get_json()["messageId"]
+    resp = deliver_client.post(
+        "/", json={"messageId": message_id, "generation": 0}, headers={"X-CloudTasks-TaskRetryCount": "0"}
+    )
+    assert resp.status_code == 200
+    assert resp.get_json()["action"] == "sent" and resp.get_json()["twilioMessageSid"].startswith("SM")
+    assert [m["to"] for m in sms_sink.messages()] == ["+15551119999"]
+    # Transient provider trouble: 503 so Cloud Tasks retries with backoff.
+    second = schedule_client.post("/", json=load("valid.json", userId=str(user))).get_json()["messageId"]
+    bootstrap.container().clock = VirtualClock(T0 + timedelta(seconds=30))  # type: ignore[assignment]
+    sms_sink.add_fault(status=500)
+    retry = deliver_client.post("/", json={"messageId": second, "generation": 0})
+    assert retry.status_code == 503 and retry.get_json()["action"] == "retry"
+    bad = deliver_client.post("/", json={"messageId": "nope"})
+    assert bad.status_code == 400 and bad.get_json()["errors"][0]["field"] == "messageId"
