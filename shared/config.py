@@ -106,4 +106,6 @@ class Settings:
 
     @property
     def tasks_queue_path(self) -> str:
-        return f"projects/{self.google_cloud_project}/locations/{self.tasks_location}/queues/{self.tasks_queue}"
+        return (
+            f"projects/{self.google_cloud_project}/locations/{self.tasks_location}/queues/{self.tasks_queue}"
+        )

@@ -88,7 +88,9 @@ class StoreUnavailable(Unavailable):
 class SendError(OrchestratorError):
     """The SMS provider refused or failed to send the message."""
 
-    def __init__(self, message: str | None = None, *, code: str | None = None, status: int | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, code: str | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message, provider_code=code, provider_status=status)
         self.provider_code = code
         self.provider_status = status

@@ -5,9 +5,18 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.sms_fixtures import sms_sink, twilio_client, twilio_sender
+from tests.integration.tasks_fixtures import tasks_client, tasks_emulator
 from tests.support.pg import PgCluster
 
-__all__ = ["database_url", "pg_cluster", "sms_sink", "twilio_client", "twilio_sender"]
+__all__ = [
+    "database_url",
+    "pg_cluster",
+    "sms_sink",
+    "tasks_client",
+    "tasks_emulator",
+    "twilio_client",
+    "twilio_sender",
+]
 
 
 @pytest.fixture(scope="session")

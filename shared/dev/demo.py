@@ -1,0 +1,140 @@
+"""The `make dev` demo: seeds users in several timezones, schedules a set of messages through the
+schedule_message function and prints what happened and why, as a timeline.
+
+It shows, whatever the time of day you run it: an immediate send, the 30 s cooldown spacing two
+sends, an hourly-limit deferral, and a quiet-hours deferral to 08:00 in the user's own timezone.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+
+if TYPE_CHECKING:
+    from shared.dev.stack import LocalStack
+
+ZONES = (
+    "Pacific/Honolulu",
+    "America/Los_Angeles",
+    "America/New_York",
+    "America/Sao_Paulo",
+    "Europe/London",
+    "Europe/Berlin",
+    "Asia/Kolkata",
+    "Asia/Tokyo",
+    "Australia/Sydney",
+    "Pacific/Auckland",
+)
+
+
+def pick_zone(now: datetime, hours: set[int]) -> str:
+    """The first zone whose local hour is in `hours` (the list spans every hour of the day)."""
+    for name in ZONES:
+        if now.astimezone(ZoneInfo(name)).hour in hours:
+            return name
+    raise RuntimeError(f"no zone in {ZONES} has a local hour in {sorted(hours)}")
+
+
+def _local(ts: str | None, zone: str) -> str:
+    if not ts:
+        return "-"
+    at = datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(ZoneInfo(zone))
+    return at.strftime("%a %H:%M:%S %Z")
+
+
+def _seed_user(database_url: str, phone: str, zone: str) -> uuid.UUID:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute("select mq_upsert_user(%s, %s)", (phone, zone)).fetchone()
+    assert row is not None
+    return uuid.UUID(row[0]["id"])
+
+
+def _make_active(database_url: str, user_id: uuid.UUID, now: datetime) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "select mq_record_inbound(%s, %s, %s, %s)", (user_id, "hey, any news?", "SM" + uuid.uuid4().hex, now)
+        )
+
+
+def _reset(database_url: str, user_ids: list[uuid.UUID]) -> None:
+    """A second run starts the demo users from a clean slate (their old messages would defer the new)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for uid in user_ids:
+            conn.execute("delete from message_queue where user_id = %s", (uid,))
+            conn.execute("delete from user_message_budget where user_id = %s", (uid,))
+            conn.execute("delete from messages where user_id = %s", (uid,))
+
+
+def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, Any]:
+    assert stack.database_url
+    now = datetime.now(UTC)
+    day_zone = pick_zone(now, set(range(9, 20)))
+    night_zone = pick_zone(now, {23, 0, 1, 2, 3, 4, 5})
+    dana = _seed_user(stack.database_url, "+15550000101", day_zone)
+    noor = _seed_user(stack.database_url, "+15550000202", night_zone)
+    _reset(stack.database_url, [dana, noor])
+    _make_active(stack.database_url, dana, now)
+
+    print("\n== Demo users ==")
+    print(f"  Dana  +15550000101  {day_zone:<20} local {_local(now.isoformat(), day_zone)}  (wrote to us just now)")
+    print(f"  Noor  +15550000202  {night_zone:<20} local {_local(now.isoformat(), night_zone)}  (asleep)")
+
+    plan = [
+        ("immediate send", dana, day_zone, "Welcome aboard! Your concierge is ready.", "high"),
+        ("cooldown spacing", dana, day_zone, "Here are three restaurants near you.", "medium"),
+        ("hourly-limit deferral", dana, day_zone, "Reminder: your table is at 8pm.", "medium"),
+        ("quiet-hours deferral", noor, night_zone, "Good morning! Your intro was accepted.", "medium"),
+    ]
+    print("\n== Scheduling through schedule_message ==")
+    results: list[dict[str, Any]] = []
+    for label, user, zone, text, priority in plan:
+        status, body = stack.post_json(
+            stack.schedule_url,
+            {"userId": str(user), "agentId": "demo_agent", "messageData": {"content": text}, "priority": priority},
+        )
+        if status not in (200, 201):
+            raise RuntimeError(f"schedule_message answered {status}: {body}")
+        results.append({"label": label, "zone": zone, "text": text, **body})
+        print(
+            f"  {label:<22} -> {status} scheduledFor {body['scheduledFor']} "
+            f"({_local(body['scheduledFor'], zone)})  reason={body['reason']}: {body['explanation']}"
+        )
+
+    immediate, spaced = results[0], results[1]
+    print("\n== Timeline at the SMS sink ==")
+    deadline = time.monotonic() + (45 if wait_for_cooldown else 5)
+    wanted = 2 if wait_for_cooldown else 1
+    arrived: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        arrived = [m for m in stack.sink_messages() if m["to"] == "+15550000101"]
+        if len(arrived) >= wanted:
+            break
+        time.sleep(0.25)
+    for m in arrived:
+        print(f"  {m['received_at']}  to {m['to']}  {m['body']!r}")
+    if len(arrived) >= 2:
+        t1 = datetime.fromisoformat(arrived[0]["received_at"].replace("Z", "+00:00"))
+        t2 = datetime.fromisoformat(arrived[1]["received_at"].replace("Z", "+00:00"))
+        print(f"  spacing between the two sends: {(t2 - t1).total_seconds():.1f} s (cooldown 30 s)")
+
+    print("\n== Status of each message (GET /messages/<id>) ==")
+    for r in results:
+        _, st = stack.get_json(f"{stack.schedule_url}messages/{r['messageId']}")
+        print(
+            f"  {r['label']:<22} {st['status']:<7} scheduledFor {_local(st['scheduledFor'], r['zone'])}"
+            f"  sentAt {_local(st['sentAt'], r['zone'])}  reason={st['reason']}"
+        )
+
+    print("\n== Try it yourself ==")
+    print(
+        f"  curl -s -X POST {stack.schedule_url} -H 'Content-Type: application/json' \\\n"
+        f"    -d '{{\"userId\": \"{dana}\", \"agentId\": \"me\", \"messageData\": {{\"content\": \"hi\"}}}}'\n"
+        f"  curl -s {stack.schedule_url}messages/{immediate['messageId']}\n"
+        f"  curl -s {stack.sink_url}/_sink/messages"
+    )
+    return {"results": results, "arrived": arrived, "immediate": immediate, "spaced": spaced}

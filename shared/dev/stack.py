@@ -1,0 +1,309 @@
+"""The whole system on one machine, no cloud account: `make dev` runs this module.
+
+- PostgreSQL: DATABASE_URL if set, else an embedded server (pgserver) with its data in .dev/pgdata;
+  the migrations are applied either way.
+- Cloud Tasks: gcloud-tasks-emulator from its own venv (.venv-emulator), spoken to by the real client.
+- Twilio: the local SMS sink (shared.dev.sink), spoken to by the real twilio client.
+- The functions: functions-framework processes, one per entry point, with the production code.
+
+Then it runs the demo (shared.dev.demo) and keeps everything up until Ctrl-C, which stops every
+process it started. `LocalStack` is also what the end-to-end tests start, on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from shared.dev.tasks_emulator import TasksEmulator, free_port
+from shared.store.migrate import apply_migrations
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAIN = REPO_ROOT / "functions" / "main.py"
+PROJECT = "local-project"
+LOCATION = "local"
+QUEUE = "message-delivery"
+QUEUE_PATH = f"projects/{PROJECT}/locations/{LOCATION}/queues/{QUEUE}"
+ACCOUNT_SID = "AC" + "d" * 32
+AUTH_TOKEN = "local-dev-token"
+FROM_NUMBER = "+15005550006"
+FUNCTIONS = ("schedule_message", "deliver_message")
+
+log = logging.getLogger("dev")
+
+
+@dataclass
+class Ports:
+    schedule: int = 8081
+    deliver: int = 8082
+    sink: int = 8089
+    tasks: int = 8123
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(schedule=free_port(), deliver=free_port(), sink=free_port(), tasks=free_port())
+
+
+@dataclass
+class LocalStack:
+    workdir: Path
+    ports: Ports = field(default_factory=Ports)
+    database_url: str | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._emulator: TasksEmulator | None = None
+        self._pg: Any = None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> LocalStack:
+        try:
+            self._start_database()
+            self._say(f"database     {self._redacted(self.database_url or '')}")
+            self._emulator = TasksEmulator(
+                QUEUE_PATH, port=self.ports.tasks, max_retries=20, log_path=self.workdir / "tasks-emulator.log"
+            ).start()
+            self._say(f"cloud tasks  emulator at {self._emulator.host}, queue {QUEUE_PATH}")
+            self._spawn(
+                "sms-sink",
+                [
+                    sys.executable,
+                    "-m",
+                    "shared.dev.sink",
+                    "--port",
+                    str(self.ports.sink),
+                    "--record",
+                    str(self.workdir / "sms.jsonl"),
+                ],
+            )
+            self._wait_http(f"{self.sink_url}/_sink/health", "sms-sink")
+            self._say(f"sms sink     {self.sink_url} (recorded in {self.workdir / 'sms.jsonl'})")
+            for name in FUNCTIONS:
+                port = self.ports.schedule if name == "schedule_message" else self.ports.deliver
+                self._spawn(
+                    name,
+                    [
+                        sys.executable,
+                        "-m",
+                        "functions_framework",
+                        "--target",
+                        name,
+                        "--source",
+                        str(MAIN),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                    ],
+                    env=self.function_env(),
+                )
+            for name in FUNCTIONS:
+                port = self.ports.schedule if name == "schedule_message" else self.ports.deliver
+                # Any HTTP answer means the server is up (GET on deliver answers 405).
+                self._wait_http(f"http://127.0.0.1:{port}/", name, any_status=True)
+                self._say(f"function     {name} at http://127.0.0.1:{port}/")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for name, proc in reversed(list(self._procs.items())):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for name, proc in self._procs.items():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop; killing it", name)
+                os.killpg(proc.pid, signal.SIGKILL)
+        self._procs.clear()
+        if self._emulator is not None:
+            self._emulator.stop()
+            self._emulator = None
+        if self._pg is not None:
+            self._pg.cleanup()
+            self._pg = None
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- what the parts need -----------------------------------------------------------------
+
+    @property
+    def schedule_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.schedule}/"
+
+    @property
+    def deliver_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.deliver}/"
+
+    @property
+    def sink_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.sink}"
+
+    def function_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "SUPABASE_"))}
+        env.update(
+            {
+                "DATABASE_URL": self.database_url or "",
+                "GOOGLE_CLOUD_PROJECT": PROJECT,
+                "TASKS_LOCATION": LOCATION,
+                "TASKS_QUEUE": QUEUE,
+                "DELIVER_URL": self.deliver_url,
+                "CLOUD_TASKS_EMULATOR_HOST": self._emulator.host if self._emulator else "",
+                "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "TWILIO_PHONE_NUMBER": FROM_NUMBER,
+                "TWILIO_API_BASE_URL": self.sink_url,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.pop("TASKS_SERVICE_ACCOUNT", None)  # the emulator has no OIDC
+        env.update(self.extra_env)
+        return env
+
+    def sink_messages(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.sink_url}/_sink/messages", timeout=5) as resp:
+            data = json.load(resp)
+        return list(data["messages"] if isinstance(data, dict) else data)
+
+    def post_json(self, url: str, body: Any, headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **(headers or {})},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=15) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+    def get_json(self, url: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(url, timeout=15) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _start_database(self) -> None:
+        if not self.database_url:
+            import pgserver
+
+            self._pg = pgserver.get_server(str(self.workdir / "pgdata"), cleanup_mode="stop")
+            admin = self._pg.get_uri("postgres")
+            import psycopg
+
+            with psycopg.connect(admin, autocommit=True) as conn:
+                exists = conn.execute("select 1 from pg_database where datname = 'orchestrator'").fetchone()
+                if not exists:
+                    conn.execute("create database orchestrator")
+            self.database_url = self._pg.get_uri("orchestrator")
+        assert self.database_url is not None
+        applied = apply_migrations(self.database_url)
+        if applied:
+            self._say(f"migrations   applied {', '.join(applied)}")
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> None:
+        out = (self.workdir / f"{name}.log").open("ab")
+        self._procs[name] = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            env=dict(env or os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stop() takes its children too
+        )
+
+    def _wait_http(self, url: str, name: str, *, any_status: bool = False, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self._procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    return
+            except urllib.error.HTTPError:
+                if any_status:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not answer at {url} within {timeout:.0f} s; see {self.workdir}")
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    @staticmethod
+    def _redacted(url: str) -> str:
+        return url.split("@", 1)[-1] if "@" in url else url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the message orchestrator locally and show it working.")
+    parser.add_argument("--workdir", default=str(REPO_ROOT / ".dev"), help="state and logs (default .dev/)")
+    parser.add_argument("--no-demo", action="store_true", help="start the stack without the demo")
+    parser.add_argument("--exit-after-demo", action="store_true", help="stop once the demo has run")
+    args = parser.parse_args(argv)
+
+    stack = LocalStack(Path(args.workdir), database_url=os.environ.get("DATABASE_URL") or None)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    print("Starting the local stack (Ctrl-C stops everything) ...", flush=True)
+    try:
+        stack.start()
+        if not args.no_demo:
+            from shared.dev.demo import run_demo
+
+            run_demo(stack)
+        if args.exit_after_demo:
+            return 0
+        print("\nEverything is running. Logs are in", stack.workdir, "- Ctrl-C to stop.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nStopping ...", flush=True)
+    finally:
+        stack.stop()
+        print("Stopped every process the stack started.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

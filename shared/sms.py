@@ -1,0 +1,183 @@
+"""Twilio adapter of the SmsSender port.
+
+Twilio's and requests' exceptions stop here: callers only ever see PermanentSendError (never retry: the
+number is invalid, unreachable or opted out) or TransientSendError (retry later with backoff).
+
+A TransientSendError whose `provider_code` is in OUTCOME_UNKNOWN_CODES means the request may have
+reached Twilio and been accepted (a read timeout, a dropped connection, an unreadable success answer):
+the caller should reconcile (list the recipient's messages) before sending again, or it may send twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import requests
+from twilio.base.exceptions import TwilioException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.rest import Client
+
+from shared.errors import PermanentSendError, SendError, TransientSendError
+
+log = logging.getLogger(__name__)
+
+# Refused on create for a reason that retrying will not change: invalid number (21211), not a mobile
+# number (21614), unsubscribed/STOP (21610), region not enabled (21408), unreachable from our sender
+# (21612), sender cannot reach this destination (21606), body over 1600 characters (21617).
+PERMANENT_CODES = frozenset({21211, 21614, 21610, 21408, 21612, 21606, 21617})
+RATE_LIMITED_CODE = 20429
+
+# Pseudo provider codes for failures that never produced a Twilio answer.
+CONNECT_TIMEOUT = "connect_timeout"  # no connection was made: certainly not sent
+TIMEOUT = "timeout"  # sent, no answer in time
+CONNECTION_ERROR = "connection_error"
+REQUEST_ERROR = "request_error"
+BAD_RESPONSE = "bad_response"  # a 2xx we could not read
+CLIENT_ERROR = "twilio_client_error"
+OUTCOME_UNKNOWN_CODES = frozenset({TIMEOUT, CONNECTION_ERROR, REQUEST_ERROR, BAD_RESPONSE})
+
+# The twilio library logs every request and response at INFO, including list filters such as the
+# recipient's number; give it its own logger, quiet unless someone asks for it.
+_http_log = logging.getLogger(__name__ + ".http")
+if _http_log.level == logging.NOTSET:
+    _http_log.setLevel(logging.WARNING)
+
+
+def build_twilio_client(
+    account_sid: str,
+    auth_token: str,
+    *,
+    base_url: str | None = None,
+    timeout_seconds: int = 10,
+) -> Client:
+    """A twilio Client with a request timeout, optionally pointed at a Twilio-compatible local server.
+
+    `timeout_seconds` bounds the connect and each read (requests semantics), not the whole call.
+    No HTTP-level retries: a retried POST can send the SMS twice; retries belong to the task queue.
+    """
+    if timeout_seconds <= 0:
+        raise ValueError("timeout_seconds must be positive")
+    http_client = TwilioHttpClient(timeout=float(timeout_seconds), logger=_http_log)
+    client = Client(account_sid, auth_token, http_client=http_client)
+    if base_url:
+        # Messages live on the `api` domain; its base_url is the only host the request path uses.
+        client.api.base_url = base_url.rstrip("/")
+        # TWILIO_EDGE / TWILIO_REGION in the environment would rewrite the host into
+        # "<product>.<edge>.<region>.twilio.com" form, mangling a local URL.
+        client.edge = None
+        client.region = None
+    return client
+
+
+class TwilioSender:
+    """Sends one SMS per call through Twilio's Messages API."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        from_number: str | None = None,
+        messaging_service_sid: str | None = None,
+        status_callback: str | None = None,
+    ) -> None:
+        if bool(from_number) == bool(messaging_service_sid):
+            raise ValueError("set exactly one of from_number and messaging_service_sid")
+        self._client = client
+        self._from_number = from_number
+        self._messaging_service_sid = messaging_service_sid
+        self._status_callback = status_callback
+
+    def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
+        params: dict[str, Any] = {"to": to, "body": body}
+        if self._from_number:
+            params["from_"] = self._from_number
+        else:
+            params["messaging_service_sid"] = self._messaging_service_sid
+        if self._status_callback:
+            params["status_callback"] = status_callback_url(self._status_callback, message_id)
+
+        try:
+            message = self._client.messages.create(**params)
+        except (TwilioException, requests.RequestException, ValueError) as exc:
+            error = classify(exc)
+            log.warning(
+                "sms send failed",
+                extra={
+                    "message_id": str(message_id),
+                    "provider_code": error.provider_code,
+                    "provider_status": error.provider_status,
+                    "permanent": isinstance(error, PermanentSendError),
+                },
+            )
+            raise error from exc
+
+        sid = getattr(message, "sid", None)
+        if not isinstance(sid, str) or not sid:
+            # Twilio answered 2xx, so the message was probably accepted; we just cannot tell which one.
+            raise TransientSendError(
+                "Twilio accepted the request but returned no message sid", code=BAD_RESPONSE
+            )
+        log.info("sms sent", extra={"message_id": str(message_id), "sid": sid})
+        return sid
+
+
+def status_callback_url(base: str, message_id: uuid.UUID) -> str:
+    """The status callback with `message_id` in its query, so a status webhook can find its message even
+    when the create call timed out and the sid never reached us. Twilio signs the full URL, query
+    included, so signature checks still pass when the webhook validates the URL it was called on."""
+    parts = urlsplit(base)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "message_id"]
+    query.append(("message_id", str(message_id)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def classify(exc: BaseException) -> SendError:
+    """Map a failure of `messages.create` to Permanent or Transient.
+
+    Anything not known to be permanent is transient: a retry is bounded by MAX_ATTEMPTS and backoff,
+    while wrongly calling a failure permanent drops a message nobody will ever resend. That covers
+    auth/config errors (401/403) too: they are not this message's fault and heal once config is fixed.
+    """
+    if isinstance(exc, requests.RequestException):
+        # ConnectTimeout is also a ConnectionError and a Timeout: check it first.
+        if isinstance(exc, requests.ConnectTimeout):
+            return TransientSendError("timed out connecting to Twilio", code=CONNECT_TIMEOUT)
+        if isinstance(exc, requests.Timeout):
+            return TransientSendError(
+                "Twilio did not answer in time; the message may have been sent", code=TIMEOUT
+            )
+        if isinstance(exc, requests.ConnectionError):
+            return TransientSendError("connection to Twilio failed", code=CONNECTION_ERROR)
+        return TransientSendError(f"request to Twilio failed: {type(exc).__name__}", code=REQUEST_ERROR)
+
+    status = getattr(exc, "status", None)
+    code = getattr(exc, "code", None)
+    if isinstance(exc, TwilioException) and isinstance(status, int):
+        # TwilioRestException (legacy body) or TwilioServiceException (RFC 9457 body). When the body
+        # has no code the library puts the HTTP status there instead; that is not a Twilio code.
+        twilio_code = code if isinstance(code, int) and code != status else None
+        reason = _twilio_message(exc)
+        provider_code = str(twilio_code) if twilio_code is not None else None
+        if twilio_code in PERMANENT_CODES:
+            return PermanentSendError(reason, code=provider_code, status=status)
+        if twilio_code == RATE_LIMITED_CODE or status == 429 or status >= 500:
+            return TransientSendError(reason, code=provider_code, status=status)
+        if status in (400, 404) and twilio_code is not None:
+            return PermanentSendError(reason, code=provider_code, status=status)
+        return TransientSendError(reason, code=provider_code, status=status)
+
+    if isinstance(exc, TwilioException):
+        return TransientSendError(f"Twilio client error: {type(exc).__name__}", code=CLIENT_ERROR)
+    # A ValueError from create is the library failing to parse a 2xx body (json.JSONDecodeError).
+    return TransientSendError(
+        "unreadable answer from Twilio; the message may have been sent", code=BAD_RESPONSE
+    )
+
+
+def _twilio_message(exc: BaseException) -> str:
+    # Twilio's error text names the number at most, never credentials; keep it for the failure reason.
+    text = getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", None)
+    return str(text) if text else f"Twilio error {getattr(exc, 'status', '')}".strip()

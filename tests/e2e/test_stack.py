@@ -1,0 +1,79 @@
+"""End to end: the functions as real functions-framework processes, the Cloud Tasks emulator and the
+SMS sink as real processes, on real Postgres. Wall-clock time here, so the cooldown is shortened."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from shared.dev.stack import LocalStack, Ports
+from shared.store.postgres import PostgresStore
+from tests.support.factories import make_active, make_user
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+
+COOLDOWN = 3
+
+
+@pytest.fixture
+def stack(tmp_path: Path, database_url: str) -> Iterator[LocalStack]:
+    s = LocalStack(
+        tmp_path / "stack",
+        ports=Ports.free(),
+        database_url=database_url,
+        extra_env={"COOLDOWN_SECONDS": str(COOLDOWN), "LOG_LEVEL": "INFO"},
+        quiet=True,
+    )
+    with s:
+        yield s
+
+
+def _at(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def test_messages_reach_the_sink_through_cloud_tasks_and_keep_the_cooldown(
+    stack: LocalStack, database_url: str
+) -> None:
+    store = PostgresStore(database_url)
+    try:
+        user = make_user(store, "Pacific/Kiritimati", phone="+15557770001")
+        make_active(store, user, datetime.now(UTC))  # active: no quiet hours, whatever the hour
+    finally:
+        store.close()
+    body = {"userId": str(user), "agentId": "e2e", "messageData": {"content": "first"}}
+
+    status, first = stack.post_json(stack.schedule_url, body)
+    assert status == 201, first
+    accepted = datetime.now(UTC)
+    arrived = _wait(stack, 1, timeout=2.0)
+    assert arrived[0]["body"] == "first"
+    assert (_at(arrived[0]["received_at"]) - accepted).total_seconds() < 2.0
+
+    status, second = stack.post_json(stack.schedule_url, body | {"messageData": {"content": "second"}})
+    assert status == 201 and second["reason"] == "cooldown", second
+    arrived = _wait(stack, 2, timeout=COOLDOWN + 5)
+    gap = (_at(arrived[1]["received_at"]) - _at(arrived[0]["received_at"])).total_seconds()
+    assert gap >= COOLDOWN, arrived
+    assert [m["body"] for m in arrived] == ["first", "second"]
+
+    code, status_doc = stack.get_json(f"{stack.schedule_url}messages/{first['messageId']}")
+    assert code == 200 and status_doc["status"] == "sent" and status_doc["sentAt"]
+    assert uuid.UUID(second["messageId"])
+
+
+def _wait(stack: LocalStack, count: int, timeout: float) -> list[dict[str, object]]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        found = [m for m in stack.sink_messages() if m["to"] == "+15557770001"]
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} message(s) at the sink within {timeout} s, got {found}")
