@@ -246,7 +246,7 @@ def deliver(
         store.fail(m.id, error="the user opted out", reason="opted_out", now=now)
         return _outcome(logging.INFO, m.id, "failed", "opted_out", "failed", **fields)
     if not decision.allowed_now:
-        return _replan(store, tasks, ctx, config, now, decision.reason, fields)
+        return _replan(store, tasks, ctx, config, now, decision.reason, fields, refresh=False)
 
     limits = ctx.user.settings.limits(config.limits)
     _, day_start, day_end = policy.local_day_bounds(ctx.user.settings.timezone, now)
@@ -270,7 +270,7 @@ def deliver(
             store.expire(m.id, now)
             return _outcome(logging.INFO, m.id, "expired", "expired", "expired", **fields)
         # Another delivery for this user won the lock: plan again from what the database now holds.
-        return _replan(store, tasks, ctx, config, now, claim.reason, fields)
+        return _replan(store, tasks, ctx, config, now, claim.reason, fields, refresh=True)
     assert claim.token is not None
     return _send(store, sms, ctx, config, clock, claim.token, claim.attempts, fields)
 
@@ -353,18 +353,26 @@ def _replan(
     now: datetime,
     reason: str,
     fields: dict[str, Any],
+    *,
+    refresh: bool,
 ) -> Outcome:
-    """Not allowed now: plan the next allowed time against the freshest state, with a new task."""
+    """Not allowed now: a new task at the next allowed time.
+
+    The next allowed time is the hard one (sends made, quiet hours), not a fresh plan around the
+    user's other queued messages: those were spread when they were scheduled, and re-spreading a
+    message that slipped by a second behind a reservation planned for it would push it an hour.
+    `refresh`: the database refused a claim the policy allowed (a racing claim it had not seen),
+    so plan from what the database holds now.
+    """
     m = ctx.message
-    fresh = store.user_context(m.user_id, now, exclude=m.id) or ctx.user
-    decision = policy.plan(fresh.settings, config.limits, fresh.history, now, m.priority, m.can_delay)
+    user = (store.user_context(m.user_id, now, exclude=m.id) or ctx.user) if refresh else ctx.user
+    decision = policy.check_now(user.settings, config.limits, user.history, now, m.priority, m.can_delay)
     if decision.reason == policy.OPTED_OUT:
         store.fail(m.id, error="the user opted out", reason="opted_out", now=now)
         return _outcome(logging.INFO, m.id, "failed", "opted_out", "failed", **fields)
     at = decision.at or now + timedelta(hours=1)
+    # Never re-plan for now, which would spin; a message in flight holds the user for a cooldown.
     floor = now + (config.limits.cooldown if reason == policy.IN_FLIGHT else timedelta(seconds=1))
-    # The database refused what the policy allowed (a racing claim it has not seen yet): never
-    # re-plan for now, which would spin.
     at = max(at, floor)
     if m.expires_at is not None and at >= m.expires_at:
         # Never sent late: it cannot go out before it expires, so it expires now, with the reason.
