@@ -57,7 +57,8 @@ def _seed_user(database_url: str, phone: str, zone: str) -> uuid.UUID:
 def _make_active(database_url: str, user_id: uuid.UUID, now: datetime) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
-            "select mq_record_inbound(%s, %s, %s, %s)", (user_id, "hey, any news?", "SM" + uuid.uuid4().hex, now)
+            "select mq_record_inbound(%s, %s, %s, %s)",
+            (user_id, "hey, any news?", "SM" + uuid.uuid4().hex, now),
         )
 
 
@@ -81,7 +82,8 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
     _make_active(stack.database_url, dana, now)
 
     print("\n== Demo users ==")
-    print(f"  Dana  +15550000101  {day_zone:<20} local {_local(now.isoformat(), day_zone)}  (wrote to us just now)")
+    dana_local = _local(now.isoformat(), day_zone)
+    print(f"  Dana  +15550000101  {day_zone:<20} local {dana_local}  (wrote to us just now)")
     print(f"  Noor  +15550000202  {night_zone:<20} local {_local(now.isoformat(), night_zone)}  (asleep)")
 
     plan = [
@@ -95,7 +97,12 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
     for label, user, zone, text, priority in plan:
         status, body = stack.post_json(
             stack.schedule_url,
-            {"userId": str(user), "agentId": "demo_agent", "messageData": {"content": text}, "priority": priority},
+            {
+                "userId": str(user),
+                "agentId": "demo_agent",
+                "messageData": {"content": text},
+                "priority": priority,
+            },
         )
         if status not in (200, 201):
             raise RuntimeError(f"schedule_message answered {status}: {body}")
@@ -133,7 +140,7 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
     print("\n== Try it yourself ==")
     print(
         f"  curl -s -X POST {stack.schedule_url} -H 'Content-Type: application/json' \\\n"
-        f"    -d '{{\"userId\": \"{dana}\", \"agentId\": \"me\", \"messageData\": {{\"content\": \"hi\"}}}}'\n"
+        f'    -d \'{{"userId": "{dana}", "agentId": "me", "messageData": {{"content": "hi"}}}}\'\n'
         f"  curl -s {stack.schedule_url}messages/{immediate['messageId']}\n"
         f"  curl -s {stack.sink_url}/_sink/messages"
     )

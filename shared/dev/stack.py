@@ -78,7 +78,10 @@ class LocalStack:
             self._start_database()
             self._say(f"database     {self._redacted(self.database_url or '')}")
             self._emulator = TasksEmulator(
-                QUEUE_PATH, port=self.ports.tasks, max_retries=20, log_path=self.workdir / "tasks-emulator.log"
+                QUEUE_PATH,
+                port=self.ports.tasks,
+                max_retries=20,
+                log_path=self.workdir / "tasks-emulator.log",
             ).start()
             self._say(f"cloud tasks  emulator at {self._emulator.host}, queue {QUEUE_PATH}")
             self._spawn(
@@ -125,7 +128,7 @@ class LocalStack:
         return self
 
     def stop(self) -> None:
-        for name, proc in reversed(list(self._procs.items())):
+        for proc in reversed(list(self._procs.values())):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -148,7 +151,9 @@ class LocalStack:
     def __enter__(self) -> LocalStack:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # -- what the parts need -----------------------------------------------------------------
@@ -247,7 +252,9 @@ class LocalStack:
         while time.monotonic() < deadline:
             proc = self._procs.get(name)
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}")
+                raise RuntimeError(
+                    f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2):
                     return

@@ -107,7 +107,11 @@ def test_budget_is_counted_on_the_users_local_date(
 
 
 def test_a_stale_task_sends_nothing(
-    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender, sms_sink: SmsSink, clock: VirtualClock
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
 ) -> None:
     user = make_user(store)
     result = schedule(store, tasks, user, T0, policy=POLICY)
@@ -117,7 +121,11 @@ def test_a_stale_task_sends_nothing(
 
 
 def test_an_unknown_message_is_acknowledged_without_sending(
-    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender, sms_sink: SmsSink, clock: VirtualClock
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
 ) -> None:
     outcome = deliver(store, tasks, twilio_sender, clock, uuid.uuid4())
     assert (outcome.action, outcome.reason) == ("skipped", "not_found")
@@ -189,7 +197,8 @@ def test_twenty_concurrent_deliveries_for_one_user_send_exactly_one(
     user = make_user(store, "Europe/Berlin", phone="+15551110020")
     # canDelay false plans against sends only, so all twenty are due at the same instant.
     ids = [
-        schedule(store, tasks, user, T0, content=f"m{i}", policy=POLICY, canDelay=False).message.id for i in range(20)
+        schedule(store, tasks, user, T0, content=f"m{i}", policy=POLICY, canDelay=False).message.id
+        for i in range(20)
     ]
     assert {row(database_url, i)["scheduled_for"] for i in ids} == {"2025-06-02T15:00:00+00:00"}
     barrier = threading.Barrier(len(ids))

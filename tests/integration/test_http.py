@@ -156,7 +156,9 @@ def test_a_user_with_an_unknown_timezone_answers_400(
     assert table_counts(database_url) == before
 
 
-def test_an_opted_out_user_answers_409(schedule_client: FlaskClient, store: PostgresStore, database_url: str) -> None:
+def test_an_opted_out_user_answers_409(
+    schedule_client: FlaskClient, store: PostgresStore, database_url: str
+) -> None:
     user = make_user(store)
     sql(database_url, "update users set opted_out_at = %s where id = %s", T0, user)
     before = table_counts(database_url)

@@ -20,7 +20,6 @@ from shared import sms
 from shared.dev.sink import SmsSink
 from shared.errors import PermanentSendError, TransientSendError
 from shared.sms import TwilioSender, build_twilio_client
-
 from tests.integration.sms_fixtures import (
     TEST_ACCOUNT_SID,
     TEST_AUTH_TOKEN,

@@ -20,7 +20,9 @@ def new_phone() -> str:
     return f"+1555{next(_phones):07d}"
 
 
-def make_user(store: PostgresStore, timezone: str = "UTC", phone: str | None = None, **settings: Any) -> uuid.UUID:
+def make_user(
+    store: PostgresStore, timezone: str = "UTC", phone: str | None = None, **settings: Any
+) -> uuid.UUID:
     row = store.upsert_user(phone or new_phone(), timezone, **settings)
     return uuid.UUID(row["id"])
 
@@ -45,7 +47,14 @@ def schedule(
 
 
 def table_counts(database_url: str) -> dict[str, int]:
-    tables = ("users", "conversations", "messages", "message_queue", "user_message_budget", "agent_actions_log")
+    tables = (
+        "users",
+        "conversations",
+        "messages",
+        "message_queue",
+        "user_message_budget",
+        "agent_actions_log",
+    )
     with psycopg.connect(database_url) as conn:
         return {t: conn.execute(f"select count(*) from {t}").fetchone()[0] for t in tables}  # type: ignore[index]
 
