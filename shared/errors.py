@@ -85,6 +85,12 @@ class StoreUnavailable(Unavailable):
     code = "database_unavailable"
 
 
+class StoreError(OrchestratorError):
+    """The database rejected an operation."""
+
+    code = "database_error"
+
+
 class SendError(OrchestratorError):
     """The SMS provider refused or failed to send the message."""
 

@@ -119,3 +119,10 @@ def enqueue_result(doc: dict[str, Any]) -> EnqueueResult:
         raise ValidationError([{"field": "conversationId", "reason": "no such conversation for this user"}])
     stored = message(doc["message"])
     return EnqueueResult(message=stored, created=bool(doc.get("created")), request_hash=stored.request_hash)
+
+
+def release_status(doc: Any) -> str:
+    """mq_release answers the message's status after the release; NULL means no such message."""
+    if doc is None:
+        raise NotFound("no such message", field="messageId")
+    return str(doc)

@@ -17,16 +17,12 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from shared.errors import OrchestratorError, StoreUnavailable
+from shared.errors import StoreError, StoreUnavailable
 from shared.models import Claim, DeliveryContext, EnqueueResult, NewMessage, StoredMessage, UserContext
 from shared.policy import Limits
 from shared.store import decode
 
 log = logging.getLogger(__name__)
-
-
-class StoreError(OrchestratorError):
-    """The database rejected an operation."""
 
 
 class PostgresStore:
@@ -138,7 +134,7 @@ class PostgresStore:
     def release(
         self, message_id: uuid.UUID, token: uuid.UUID, *, error: str, now: datetime, max_attempts: int
     ) -> str:
-        return str(self.call("mq_release", [message_id, token, error, now, max_attempts]))
+        return decode.release_status(self.call("mq_release", [message_id, token, error, now, max_attempts]))
 
     def fail(self, message_id: uuid.UUID, *, error: str, reason: str, now: datetime) -> bool:
         return bool(self.call("mq_fail", [message_id, error, reason, now]))
@@ -157,6 +153,8 @@ class PostgresStore:
                 row = conn.execute(f"select mq_upsert_user({query_args})", args).fetchone()
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise StoreUnavailable() from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"database error in mq_upsert_user: {type(exc).__name__}") from exc
         assert row is not None
         return dict(row[0])
 

@@ -100,6 +100,7 @@ class PostgrestStandIn:
         self.fail_status: int | None = None
         self.fail_body: bytes | None = None  # default: a PostgREST-shaped error for fail_status
         self.delay_seconds = 0.0
+        self._stopped = False
         self._lock = threading.Lock()
         self._pool = ConnectionPool(
             database_url, min_size=0, max_size=8, timeout=5.0, kwargs={"autocommit": True}, open=True
@@ -107,7 +108,10 @@ class PostgrestStandIn:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="postgrest-stand-in", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="postgrest-stand-in",
+            daemon=True,
         )
         self._thread.start()
 
@@ -137,6 +141,7 @@ class PostgrestStandIn:
             self.requests.clear()
 
     def stop(self) -> None:
+        self._stopped = True
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -217,7 +222,7 @@ class PostgrestStandIn:
                 sql.SQL("{} => a.{}").format(sql.Identifier(n), sql.Identifier(n)) for n, _ in used
             ),
         )
-        source = sql.SQL("")
+        source: sql.Composable = sql.SQL("")
         params: list[Any] = []
         if used:
             columns = sql.SQL(", ").join(
@@ -253,6 +258,8 @@ class PostgrestStandIn:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             server_version = "postgrest-stand-in"
+            wbufsize = -1  # buffered: headers and body leave in one write (flushed per request)
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -285,6 +292,9 @@ class PostgrestStandIn:
                     )
                 if stand_in.delay_seconds:
                     time.sleep(stand_in.delay_seconds)
+                if stand_in._stopped:  # a delayed answer after stop(): the database may be gone
+                    self.close_connection = True
+                    return
                 if stand_in.fail_status is not None:
                     body = stand_in.fail_body
                     if body is None:

@@ -143,8 +143,10 @@ begin
     if not found then
         return jsonb_build_object('claimed', false, 'reason', 'not_found');
     end if;
-    -- Lock order everywhere: the user row, then the message rows.
-    select opted_out_at into v_opted_out from users where id = v_user_id for update;
+    -- Lock order everywhere: the user row, then the message rows. NO KEY UPDATE, not UPDATE: it
+    -- still serialises claims per user, but does not block the KEY SHARE locks that foreign-key
+    -- checks take (mq_record_sent holds the message row and inserts rows referencing the user).
+    select opted_out_at into v_opted_out from users where id = v_user_id for no key update;
     select * into v_row from message_queue where id = p_message_id for update;
     if v_row.status <> 'queued' then
         return jsonb_build_object('claimed', false, 'reason', 'not_queued', 'status', v_row.status);
