@@ -28,7 +28,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, time, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -55,6 +55,15 @@ REASONS: dict[str, str] = {
     QUIET_HOURS: "quiet hours in the user's timezone",
     IN_FLIGHT: "another message to this user is being sent right now",
     NO_SLOT: "no allowed time within the planning horizon",
+}
+
+# Which rule explains a deferral best when several were met on the way (see Decision).
+SEVERITY: dict[str, int] = {
+    COOLDOWN: 1,
+    HOURLY_LIMIT: 2,
+    QUIET_HOURS: 3,
+    LOW_PRIORITY_RESERVE: 4,
+    DAILY_LIMIT: 5,
 }
 
 HOUR = timedelta(hours=1)
@@ -153,7 +162,13 @@ class History:
 
 @dataclass(frozen=True)
 class Decision:
-    """The earliest allowed instant (None: never) and why it is not `now`."""
+    """The earliest allowed instant (None: never) and why it is not earlier.
+
+    `blocked_by` lists every rule met on the way from `now` to `at`, in order, so its first entry
+    is what forbids `now` itself. `reason` is the weightiest of them (SEVERITY), the one an agent
+    should be told: a spent daily budget that lands the message at 08:00 tomorrow is a
+    `daily_limit`, not `quiet_hours`; a cooldown that runs into the hourly limit is `hourly_limit`.
+    """
 
     at: datetime | None
     reason: str
@@ -179,9 +194,42 @@ def in_quiet_hours(local: time, start: time, end: time) -> bool:
 
 
 def _local_instant(d: date, t: time, tz: tzinfo) -> datetime:
-    # fold=0: a wall time in a spring-forward gap maps to the instant just after the gap, and an
-    # ambiguous fall-back time to its first occurrence, which is what "ends at 08:00" should mean.
-    return datetime.combine(d, t, tzinfo=tz)
+    """The first instant (in UTC) at which the local wall clock reads `d t` or later.
+
+    An ambiguous fall-back time maps to its first occurrence, which is what "ends at 08:00" should
+    mean; a wall time in a spring-forward gap maps to the instant the gap begins (the clock jumps
+    past it there). Always UTC: arithmetic and comparisons on datetimes sharing a ZoneInfo are
+    wall-clock, not elapsed time.
+    """
+    wall = datetime.combine(d, t)
+    late = wall.replace(tzinfo=tz).astimezone(UTC)  # fold=0: offset before any transition
+    if late.astimezone(tz).replace(tzinfo=None) == wall:
+        return late
+    # In a gap: fold=1 reads it with the offset after the gap, landing before the gap; the gap
+    # begins somewhere in (early, late]. Find the first whole second whose wall clock is >= wall.
+    early = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    while late - early > timedelta(seconds=1):
+        mid = early + timedelta(seconds=(late - early).total_seconds() // 2)
+        if mid.astimezone(tz).replace(tzinfo=None) >= wall:
+            late = mid
+        else:
+            early = mid
+    return late
+
+
+def _offset_change(a: datetime, b: datetime, tz: tzinfo) -> datetime | None:
+    """The first instant in (a, b] with another UTC offset than at `a`, if any (b - a < 1 day, so
+    there is at most one transition in between)."""
+    off = a.astimezone(tz).utcoffset()
+    if b.astimezone(tz).utcoffset() == off:
+        return None
+    while b - a > timedelta(seconds=1):
+        mid = a + timedelta(seconds=(b - a).total_seconds() // 2)
+        if mid.astimezone(tz).utcoffset() == off:
+            a = mid
+        else:
+            b = mid
+    return b
 
 
 class _Planner:
@@ -194,11 +242,13 @@ class _Planner:
         self.tz = zone(user.timezone)
         self.priority = priority
         self.can_delay = can_delay
-        self.history = history
-        pts = list(history.sends)
+        # Everything in UTC: on datetimes sharing a ZoneInfo, `t - HOUR` and `<` are wall-clock.
+        last_in = history.last_inbound_at
+        self.history = replace(history, last_inbound_at=last_in and last_in.astimezone(UTC))
+        pts = [p.astimezone(UTC) for p in history.sends]
         if can_delay:
             rank = RANK[priority]
-            pts.extend(r.at for r in history.reservations if RANK.get(r.priority, 2) <= rank)
+            pts.extend(r.at.astimezone(UTC) for r in history.reservations if RANK.get(r.priority, 2) <= rank)
         pts.sort()
         self.points = pts
         self.cap = self.lim.cap(priority, can_delay)
@@ -235,7 +285,10 @@ class _Planner:
         if start > end and local.time() >= start:
             d += timedelta(days=1)
         bound = _local_instant(d, end, self.tz)
-        return bound if bound > t else t + timedelta(seconds=1)
+        if bound <= t:
+            return t + timedelta(seconds=1)
+        # A fall-back before `end` can set the wall clock back to before `start`: stop there.
+        return _offset_change(t, bound, self.tz) or bound
 
     def _daily(self, t: datetime) -> tuple[str, datetime] | None:
         local_day = t.astimezone(self.tz).date()
@@ -302,13 +355,14 @@ def plan(
     if user.opted_out:
         return Decision(None, OPTED_OUT, now)
     planner = _Planner(user, defaults, history, priority, can_delay)
-    t = now
+    t = now.astimezone(UTC)
     reasons: list[str] = []
     limit = now + _HORIZON
     for _ in range(_MAX_STEPS):
         v = planner.violation(t)
         if v is None:
-            return Decision(t, reasons[0] if reasons else OK, now, tuple(dict.fromkeys(reasons)))
+            met = tuple(dict.fromkeys(reasons))
+            return Decision(t, max(met, key=SEVERITY.__getitem__) if met else OK, now, met)
         reason, bound = v
         reasons.append(reason)
         t = bound if bound > t else t + timedelta(seconds=1)

@@ -63,6 +63,7 @@ class Policy:
 class ScheduleResult:
     created: bool
     message: StoredMessage
+    blocked_by: tuple[str, ...] = ()
 
     def body(self) -> dict[str, Any]:
         m = self.message
@@ -73,6 +74,7 @@ class ScheduleResult:
             "scheduledFor": iso(m.scheduled_for),
             "reason": m.reason,
             "explanation": policy.REASONS.get(m.reason or "", m.reason),
+            "blockedBy": list(self.blocked_by),
             "priority": m.priority,
             "idempotentReplay": not self.created,
         }
@@ -141,7 +143,7 @@ def schedule(
         reason=decision.reason,
         blockedBy=list(decision.blocked_by),
     )
-    return ScheduleResult(created=True, message=message)
+    return ScheduleResult(created=True, message=message, blocked_by=decision.blocked_by)
 
 
 def _wake(tasks: TaskQueue, message: StoredMessage, generation: int, at: datetime, now: datetime) -> None:

@@ -151,13 +151,14 @@ def test_limits_are_rechecked_when_the_task_fires(
     urgent = schedule(store, tasks, user, clock(), policy=POLICY, priority="urgent", canDelay=False)
     assert deliver(store, tasks, twilio_sender, clock, urgent.message.id).action == "sent"
     # ...so when the second message's task fires a second later, the cooldown holds it back, and the
-    # hourly limit (2 sent in the last hour) moves it to when the first send leaves the window.
+    # hourly limit (2 sent in the last hour) moves it to when the first send leaves the window: the
+    # reason given is the weightier hourly limit.
     clock.advance(timedelta(seconds=1))
     outcome = deliver(store, tasks, twilio_sender, clock, second.message.id)
-    assert (outcome.action, outcome.reason) == ("deferred", "cooldown")
+    assert (outcome.action, outcome.reason) == ("deferred", "hourly_limit")
     assert outcome.scheduled_for == T0 + timedelta(hours=1)
     r = row(database_url, second.message.id)
-    assert r["status"] == "queued" and r["task_generation"] == 1 and r["reason"] == "cooldown"
+    assert r["status"] == "queued" and r["task_generation"] == 1 and r["reason"] == "hourly_limit"
     assert [t.generation for t in tasks.for_message(second.message.id)] == [0, 1]
     assert len(sms_sink.messages()) == 2
     # The old task, if it fires again, is stale; the new one sends.

@@ -95,6 +95,7 @@ def test_a_second_message_is_planned_after_the_cooldown_with_its_reason(
     second = schedule_client.post("/", json=payload).get_json()
     assert second["scheduledFor"] == "2025-06-02T15:00:30.000Z"
     assert second["reason"] == "cooldown" and "cooldown" in second["explanation"]
+    assert second["blockedBy"] == ["cooldown"]
 
 
 BAD = load("bad_inputs.json")

@@ -1,0 +1,555 @@
+"""Run Google's Pub/Sub emulator (`gcloud beta emulators pubsub start`) as a subprocess, for tests and
+`make dev`, and talk to it with the real google-cloud-pubsub clients.
+
+The emulator is the `pubsub-emulator` component of the Google Cloud CLI (0.8.20 with gcloud 528 on
+these machines): a Java program (`<sdk>/platform/pubsub-emulator/lib/cloud-pubsub-emulator-*.jar`),
+so it needs Java on PATH or in JAVA_HOME. What it does, and what that means here:
+
+- Command line: `gcloud beta emulators pubsub start --host-port=127.0.0.1:PORT --data-dir=DIR
+  --project=P --quiet`. gcloud writes `DIR/env.yaml` (PUBSUB_EMULATOR_HOST) and then runs
+  `<sdk>/platform/pubsub-emulator/bin/cloud-pubsub-emulator --host=127.0.0.1 --port=PORT`, which runs
+  `java -jar ...`. Neither `--project` nor `--data-dir` reaches Java: state is in memory only, and
+  any project name is accepted. `--quiet` keeps gcloud from prompting (e.g. to install a missing
+  component). Output lines are prefixed `[pubsub] `; ready is `INFO: Server started, listening on
+  PORT`, after about 2.5 s here (most of it the JVM).
+- The port serves gRPC and plain HTTP/1.1 (`GET /` answers `Ok`). Readiness below waits for the
+  "listening" line *and* a real `ListTopics` through the real client.
+- When the port is taken, Java prints `java.net.BindException: Address already in use` and then
+  keeps running, serving nothing, and so does gcloud. The start-up wait looks for that line, so a
+  clash fails (or, with a picked port, re-picks) at once instead of timing out.
+- gcloud is a Python process whose child is Java; SIGTERM to gcloud alone leaves Java running as an
+  orphan. So the emulator is started in its own session (process group) under a tiny supervisor,
+  and `stop()` signals the whole group (SIGTERM, SIGKILL after a grace period; Java needs about
+  1-2 s to go). The supervisor also ends the group when the process that started it is gone (a
+  killed pytest run or dev stack would otherwise leave Java running).
+- Resource names are validated like the real service: a topic or subscription ID must be 3-255
+  characters and start with a letter (`projects/p/topics/t1` is INVALID_ARGUMENT).
+- Push subscriptions: the emulator POSTs `Content-Type: application/json`, no Authorization header
+  (no OIDC), body
+  `{"subscription": "projects/P/subscriptions/S", "message": {"data": "<base64>",
+  "attributes": {...}, "messageId": "N", "message_id": "N", "publishTime": "...",
+  "publish_time": "..."}}`. `attributes` is present (`{}`) even when the message has none, and `data`
+  is present (`""`) for an attributes-only message. Message IDs are "1", "2", ... per emulator.
+  Concurrent messages are pushed in no particular order. A non-2xx answer is retried about every
+  second (no exponential backoff); a push that is not answered within the subscription's ack
+  deadline (default 10 s) is redelivered.
+- Publishing a message with neither data nor attributes fails with INVALID_ARGUMENT ("Some messages
+  are empty"), as in production.
+
+functions-framework (3.8-3.10) turns such a raw push body into a CloudEvent of type
+`google.cloud.pubsub.topic.v1.messagePublished` when the body has `subscription`, `message.data` and
+`message.messageId` (`attributes` defaults to `{}`). The CloudEvent's source is
+`//pubsub.googleapis.com/` followed by the first `projects/P/topics/T` found in the *request path*,
+so point the push endpoint at `http://HOST:PORT/projects/P/topics/T` (push_endpoint_for() builds
+it) to get the same source as Eventarc in production; a push to `/` gives the bare
+`//pubsub.googleapis.com/`. tests/integration/test_pubsub_push.py proves this path.
+
+The helpers (ensure_topic, ensure_push_subscription, publish) build the real clients on a plaintext
+gRPC channel to the emulator (publisher_client(host), subscriber_client(host)); they never read or
+set PUBSUB_EMULATOR_HOST, so nothing leaks into the rest of the process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from google.cloud import pubsub_v1
+
+GCLOUD_ENV = "PUBSUB_EMULATOR_GCLOUD"
+DEFAULT_PROJECT = "local-project"
+PUBSUB_EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
+
+_LISTENING_RE = re.compile(r"Server started, listening on (\d+)")
+_BIND_FAILED = "Address already in use"
+
+# The group leader: runs gcloud in the same process group, exits with its status, and ends the group
+# when the process that started it is gone. stop() signals the whole group, this process included.
+_SUPERVISOR = """
+import os, signal, subprocess, sys, time
+
+parent = int(sys.argv[1])
+child = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL)
+
+def end_group():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    time.sleep(3)  # Java takes 1-2 s to go on SIGTERM
+    os.killpg(0, signal.SIGKILL)
+
+while child.poll() is None:
+    if os.getppid() != parent:
+        end_group()
+    time.sleep(0.5)
+sys.exit(child.returncode)
+"""
+
+
+class EmulatorError(RuntimeError):
+    """The Pub/Sub emulator could not be started."""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def find_gcloud() -> Path | None:
+    """The gcloud executable: $PUBSUB_EMULATOR_GCLOUD, else `gcloud` on PATH."""
+    configured = os.environ.get(GCLOUD_ENV)
+    if configured:
+        return Path(configured) if Path(configured).exists() else None
+    found = shutil.which("gcloud")
+    return Path(found) if found else None
+
+
+def _sdk_root(gcloud: Path) -> Path | None:
+    # <sdk>/bin/gcloud, usually reached through a symlink such as /usr/bin/gcloud.
+    root = gcloud.resolve().parent.parent
+    if (root / "platform").is_dir() or (root / "lib" / "gcloud.py").exists():
+        return root
+    try:
+        out = subprocess.run(
+            [str(gcloud), "info", "--format=value(installation.sdk_root)", "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Path(out) if out else None
+
+
+def _java() -> Path | None:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return Path(java_home) / "bin" / "java"
+    found = shutil.which("java")
+    return Path(found) if found else None
+
+
+def missing_reason(gcloud: str | os.PathLike[str] | None = None) -> str | None:
+    """Why the emulator cannot be started here (gcloud, its pubsub-emulator component, Java), or None."""
+    path = Path(gcloud) if gcloud is not None else find_gcloud()
+    if path is None or not path.exists():
+        return (
+            f"the Google Cloud CLI (gcloud) is not installed: not on PATH and ${GCLOUD_ENV} not set "
+            "(https://cloud.google.com/sdk/docs/install)"
+        )
+    root = _sdk_root(path)
+    emulator = root / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator" if root else None
+    if emulator is None or not emulator.exists():
+        return (
+            f"the Pub/Sub emulator component of gcloud ({path}) is not installed: run "
+            "`gcloud components install pubsub-emulator` (or apt-get install "
+            "google-cloud-cli-pubsub-emulator)"
+        )
+    if _java() is None:
+        return "the Pub/Sub emulator needs Java (JRE 8 or newer): no `java` on PATH or in $JAVA_HOME"
+    return None
+
+
+def gcloud_available() -> bool:
+    """True when gcloud, its pubsub-emulator component and Java are all installed."""
+    return missing_reason() is None
+
+
+class PubSubEmulator:
+    """A running Pub/Sub emulator; `.host` ("127.0.0.1:PORT") is PUBSUB_EMULATOR_HOST for it.
+
+    >>> with PubSubEmulator(project="p") as emulator:
+    ...     ensure_topic(emulator.host, "p", "sweep")
+    """
+
+    def __init__(
+        self,
+        *,
+        project: str = DEFAULT_PROJECT,
+        port: int | None = None,
+        gcloud: str | os.PathLike[str] | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 30.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self.project = project
+        self._requested_port = port
+        self.port: int | None = port
+        self._gcloud = Path(gcloud) if gcloud is not None else None
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._log_path = Path(log_path) if log_path is not None else None
+        self._owns_log = False
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    @property
+    def host(self) -> str:
+        if self.port is None:
+            raise EmulatorError("the emulator has not been started")
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    @property
+    def data_dir(self) -> Path | None:
+        return Path(self._tmp.name) / "data" if self._tmp is not None else None
+
+    def env(self) -> dict[str, str]:
+        """What a client process needs to reach this emulator."""
+        return {"PUBSUB_EMULATOR_HOST": self.host, "GOOGLE_CLOUD_PROJECT": self.project}
+
+    def output(self, *, since: int = 0) -> str:
+        """What gcloud and the emulator have printed so far (stdout and stderr), from byte `since`."""
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        with self._log_path.open("rb") as log:
+            log.seek(since)
+            return log.read().decode(errors="replace")
+
+    def start(self) -> Self:
+        if self.running:
+            return self
+        gcloud = self._gcloud or find_gcloud()
+        reason = missing_reason(gcloud)
+        if reason is not None or gcloud is None:
+            raise EmulatorError(reason or "gcloud not found")
+        self._tmp = tempfile.TemporaryDirectory(prefix="pubsub-emulator-")
+        if self._log_path is None:
+            self._log_path = Path(self._tmp.name) / "emulator.log"
+            self._owns_log = True
+        # A picked port can be taken between picking and binding; pick again then.
+        attempts = 3 if self._requested_port is None else 1
+        try:
+            for attempt in range(1, attempts + 1):
+                self.port = self._requested_port or free_port()
+                self._spawn(gcloud)
+                try:
+                    self._wait_ready()
+                    break
+                except _PortTaken:
+                    self._kill()
+                    if attempt == attempts:
+                        raise EmulatorError(
+                            f"the Pub/Sub emulator could not bind {self.host}: address already in use; "
+                            f"its output:\n{self.output()}"
+                        ) from None
+        except BaseException:
+            self._kill()
+            self._cleanup()
+            raise
+        atexit.register(self.stop)
+        return self
+
+    def stop(self) -> None:
+        atexit.unregister(self.stop)
+        self._kill()
+        self._cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, gcloud: Path) -> None:
+        assert self._log_path is not None and self.port is not None and self.data_dir is not None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable,
+            "-c",
+            _SUPERVISOR,
+            str(os.getpid()),
+            str(gcloud),
+            "beta",
+            "emulators",
+            "pubsub",
+            "start",
+            f"--host-port={self.host}",
+            f"--project={self.project}",
+            f"--data-dir={self.data_dir}",
+            "--quiet",
+        ]
+        # gcloud runs on its own bundled Python: keep this venv's settings away from it.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PUBSUB_EMULATOR_HOST"}
+        }
+        env["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"
+        env["CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK"] = "1"
+        env["CLOUDSDK_CORE_DISABLE_USAGE_REPORTING"] = "1"
+        # A file, not a pipe: nobody drains a pipe while tests run, and a full pipe would block the
+        # emulator (it logs a line per push connection).
+        self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        with self._log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self._tmp.name if self._tmp is not None else None,
+                start_new_session=True,
+            )
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        last_error: Exception | None = None
+        client: pubsub_v1.PublisherClient | None = None
+        try:
+            while time.monotonic() < deadline:
+                if not self.running:
+                    raise EmulatorError(
+                        f"the Pub/Sub emulator exited with status {self._proc and self._proc.returncode} "
+                        f"during start-up on {self.host}:\n{self.output()}"
+                    )
+                out = self.output(since=self._log_offset)
+                if _BIND_FAILED in out:
+                    raise _PortTaken
+                # Until our Java has bound the port, an answer could come from someone else's server.
+                if not any(int(m) == self.port for m in _LISTENING_RE.findall(out)):
+                    time.sleep(0.05)
+                    continue
+                try:
+                    if client is None:
+                        client = publisher_client(self.host)
+                    # A real call through the real client: the server speaks Pub/Sub gRPC.
+                    list(client.list_topics(request={"project": f"projects/{self.project}"}, timeout=2.0))
+                    return
+                except Exception as exc:
+                    last_error = exc
+                    time.sleep(0.1)
+        finally:
+            if client is not None:
+                _close(client)
+        raise EmulatorError(
+            f"the Pub/Sub emulator did not answer on {self.host} within {self.startup_timeout:.0f} s "
+            f"(last error: {last_error!r}); its output:\n{self.output()}"
+        )
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        # start_new_session made the supervisor a process-group leader: this reaches gcloud and Java.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.05)
+            proc.poll()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+        # Java may outlive the leader by a moment; wait until the group is empty.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.05)
+
+    def _cleanup(self) -> None:
+        if self._owns_log:
+            self._log_path = None
+            self._owns_log = False
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- the real clients, pointed at an emulator --------------------------------------------------------
+
+
+def publisher_client(host: str) -> pubsub_v1.PublisherClient:
+    """The real PublisherClient on a plaintext gRPC channel to `host`; no env var read or set.
+
+    Passing a transport instance bypasses both credentials and PUBSUB_EMULATOR_HOST.
+    """
+    import grpc
+    from google.cloud import pubsub_v1
+    from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+
+    transport = PublisherGrpcTransport(channel=grpc.insecure_channel(host))
+    return pubsub_v1.PublisherClient(transport=transport)
+
+
+def subscriber_client(host: str) -> pubsub_v1.SubscriberClient:
+    """The real SubscriberClient on a plaintext gRPC channel to `host`; no env var read or set."""
+    import grpc
+    from google.cloud import pubsub_v1
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+    transport = SubscriberGrpcTransport(channel=grpc.insecure_channel(host))
+    return pubsub_v1.SubscriberClient(transport=transport)
+
+
+def _close(client: pubsub_v1.PublisherClient | pubsub_v1.SubscriberClient) -> None:
+    from google.cloud import pubsub_v1
+
+    if isinstance(client, pubsub_v1.PublisherClient):
+        client.stop()  # ends the batching thread
+    client.transport.close()  # closes the channel we made
+
+
+@contextlib.contextmanager
+def _publisher(host: str) -> Iterator[pubsub_v1.PublisherClient]:
+    client = publisher_client(host)
+    try:
+        yield client
+    finally:
+        _close(client)
+
+
+@contextlib.contextmanager
+def _subscriber(host: str) -> Iterator[pubsub_v1.SubscriberClient]:
+    client = subscriber_client(host)
+    try:
+        yield client
+    finally:
+        _close(client)
+
+
+def topic_path(project: str, topic: str) -> str:
+    return f"projects/{project}/topics/{topic}"
+
+
+def subscription_path(project: str, subscription: str) -> str:
+    return f"projects/{project}/subscriptions/{subscription}"
+
+
+def push_endpoint_for(base_url: str, project: str, topic: str) -> str:
+    """`base_url` + `/projects/P/topics/T`: the path functions-framework takes the CloudEvent source from."""
+    return urllib.parse.urljoin(base_url.rstrip("/") + "/", topic_path(project, topic))
+
+
+def ensure_topic(host: str, project: str, topic: str) -> str:
+    """Create the topic unless it exists; returns its path `projects/P/topics/T`."""
+    from google.api_core.exceptions import AlreadyExists
+
+    name = topic_path(project, topic)
+    with _publisher(host) as client, contextlib.suppress(AlreadyExists):
+        client.create_topic(name=name, timeout=10.0)
+    return name
+
+
+def ensure_push_subscription(
+    host: str,
+    project: str,
+    topic: str,
+    subscription: str,
+    push_endpoint: str,
+    *,
+    attributes: Mapping[str, str] | None = None,
+    ack_deadline_seconds: int | None = None,
+) -> str:
+    """A push subscription on `topic` (created if missing) that POSTs to `push_endpoint`.
+
+    An existing subscription of that name gets this endpoint and these push attributes (so a dev stack
+    restarted on another port keeps working); one on another topic is deleted and re-created.
+    `attributes` are PushConfig attributes (e.g. {"x-goog-version": "v1"}), not message attributes.
+    `ack_deadline_seconds` is how long a push may take before the emulator redelivers (default 10).
+    Returns the subscription path `projects/P/subscriptions/S`.
+    """
+    from google.api_core.exceptions import AlreadyExists, NotFound
+    from google.pubsub_v1.types import PushConfig, Subscription
+
+    topic_name = topic_path(project, topic)
+    name = subscription_path(project, subscription)
+    push_config = PushConfig(push_endpoint=push_endpoint, attributes=dict(attributes or {}))
+    wanted = Subscription(name=name, topic=topic_name, push_config=push_config)
+    if ack_deadline_seconds is not None:
+        wanted.ack_deadline_seconds = ack_deadline_seconds
+    with _subscriber(host) as client:
+        try:
+            existing = client.get_subscription(subscription=name, timeout=10.0)
+        except NotFound:
+            existing = None
+        if existing is not None and existing.topic != topic_name:
+            client.delete_subscription(subscription=name, timeout=10.0)
+            existing = None
+        if existing is None:
+            with contextlib.suppress(AlreadyExists):
+                client.create_subscription(request=wanted, timeout=10.0)
+                return name
+        client.modify_push_config(subscription=name, push_config=push_config, timeout=10.0)
+    return name
+
+
+def publish(host: str, project: str, topic: str, data: bytes, /, **attributes: str) -> str:
+    """Publish one message (keyword arguments are its attributes) and return its message ID."""
+    with _publisher(host) as client:
+        future = client.publish(topic_path(project, topic), data, **attributes)
+        message_id: str = future.result(timeout=10.0)
+        return message_id
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    """`python -m shared.dev.pubsub_emulator [PROJECT [PORT]]`: run in the foreground until Ctrl-C."""
+    if len(sys.argv) > 1 and sys.argv[1] in {"-h", "--help"}:
+        print(__doc__)
+        sys.exit(0)
+    reason = missing_reason()
+    if reason is not None:
+        print(f"cannot start the Pub/Sub emulator: {reason}", file=sys.stderr)
+        sys.exit(1)
+    # Python dies on SIGTERM without unwinding; this lets the `with` below stop the emulator.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    project = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_PROJECT
+    port = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    with PubSubEmulator(project=project, port=port) as emulator:
+        print(
+            f"Pub/Sub emulator on {emulator.host} (project {emulator.project}), log {emulator.log_path}\n"
+            f"export PUBSUB_EMULATOR_HOST={emulator.host}",
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            while emulator.running:
+                time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    main()
