@@ -7,6 +7,7 @@ sends, an hourly-limit deferral, and a quiet-hours deferral to 08:00 in the user
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -127,7 +128,8 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
     if len(arrived) >= 2:
         t1 = datetime.fromisoformat(arrived[0]["received_at"].replace("Z", "+00:00"))
         t2 = datetime.fromisoformat(arrived[1]["received_at"].replace("Z", "+00:00"))
-        print(f"  spacing between the two sends: {(t2 - t1).total_seconds():.1f} s (cooldown 30 s)")
+        cooldown = os.environ.get("COOLDOWN_SECONDS") or "30"
+        print(f"  spacing between the two sends: {(t2 - t1).total_seconds():.1f} s (cooldown {cooldown} s)")
 
     print("\n== Status of each message (GET /messages/<id>) ==")
     for r in results:

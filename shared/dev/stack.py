@@ -280,9 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(REPO_ROOT / ".dev"), help="state and logs (default .dev/)")
     parser.add_argument("--no-demo", action="store_true", help="start the stack without the demo")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop once the demo has run")
+    parser.add_argument(
+        "--free-ports", action="store_true", help="pick free ports instead of 8081/8082/8089/8123"
+    )
     args = parser.parse_args(argv)
 
-    stack = LocalStack(Path(args.workdir), database_url=os.environ.get("DATABASE_URL") or None)
+    stack = LocalStack(
+        Path(args.workdir),
+        ports=Ports.free() if args.free_ports else Ports(),
+        database_url=os.environ.get("DATABASE_URL") or None,
+    )
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -291,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             stopping = True
             raise KeyboardInterrupt
 
+    # Installed explicitly: a shell that starts us in the background ignores SIGINT, and Python
+    # then never raises KeyboardInterrupt.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     print("Starting the local stack (Ctrl-C stops everything) ...", flush=True)
     try:
         stack.start()
