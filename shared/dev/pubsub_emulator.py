@@ -17,10 +17,12 @@ so it needs Java on PATH or in JAVA_HOME. What it does, and what that means here
 - When the port is taken, Java prints `java.net.BindException: Address already in use` and then
   keeps running, serving nothing, and so does gcloud. The start-up wait looks for that line, so a
   clash fails (or, with a picked port, re-picks) at once instead of timing out.
-- gcloud is a Python process whose child is Java; SIGTERM to gcloud alone leaves Java running as an
-  orphan. So the emulator is started in its own session (process group) under a tiny supervisor,
-  and `stop()` signals the whole group (SIGTERM, SIGKILL after a grace period; Java needs about
-  1-2 s to go). The supervisor also ends the group when the process that started it is gone (a
+- gcloud is a Python process whose child is Java. SIGTERM to gcloud alone leaves Java running as an
+  orphan, and gcloud moves itself into a new process group unless it leads its session
+  (googlecloudsdk/command_lib/emulators/util.py: `os.setpgid(0, 0)`), so a group started around it
+  does not hold it. So gcloud is started as the leader of a session of its own (its group = gcloud +
+  Java), under a tiny supervisor that ends that group (SIGTERM, SIGKILL after a grace period; Java
+  needs 1-2 s to go) when `stop()` signals it, and also when the process that started it is gone (a
   killed pytest run or dev stack would otherwise leave Java running).
 - Resource names are validated like the real service: a topic or subscription ID must be 3-255
   characters and start with a letter (`projects/p/topics/t1` is INVALID_ARGUMENT).
@@ -32,7 +34,8 @@ so it needs Java on PATH or in JAVA_HOME. What it does, and what that means here
   is present (`""`) for an attributes-only message. Message IDs are "1", "2", ... per emulator.
   Concurrent messages are pushed in no particular order. A non-2xx answer is retried about every
   second (no exponential backoff); a push that is not answered within the subscription's ack
-  deadline (default 10 s) is redelivered.
+  deadline (default 10 s, `ack_deadline_seconds` below) is pushed again while the first is still
+  running (seen: 13 s handler, second push at 10.0 s).
 - Publishing a message with neither data nor attributes fails with INVALID_ARGUMENT ("Some messages
   are empty"), as in production.
 
@@ -77,25 +80,42 @@ PUBSUB_EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
 _LISTENING_RE = re.compile(r"Server started, listening on (\d+)")
 _BIND_FAILED = "Address already in use"
 
-# The group leader: runs gcloud in the same process group, exits with its status, and ends the group
-# when the process that started it is gone. stop() signals the whole group, this process included.
+# Started in a session of its own; runs gcloud in a further session (see the module docstring for why),
+# writes gcloud's pid (= its process group: gcloud and Java) to a file, and ends that group (SIGTERM,
+# then SIGKILL) when told to stop (SIGTERM/SIGINT), when gcloud exits, or when the process that
+# started it is gone. It exits only once the group is empty, or after the SIGKILL grace period.
 _SUPERVISOR = """
 import os, signal, subprocess, sys, time
 
-parent = int(sys.argv[1])
-child = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL)
+parent, pid_file, grace = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+child = subprocess.Popen(sys.argv[4:], stdin=subprocess.DEVNULL, start_new_session=True)
+with open(pid_file + ".tmp", "w") as f:
+    f.write(str(child.pid))
+os.replace(pid_file + ".tmp", pid_file)
 
-def end_group():
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.killpg(0, signal.SIGTERM)
-    time.sleep(3)  # Java takes 1-2 s to go on SIGTERM
-    os.killpg(0, signal.SIGKILL)
+def group_alive():
+    child.poll()  # reap gcloud, or its zombie keeps the group alive
+    try:
+        os.killpg(child.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
-while child.poll() is None:
-    if os.getppid() != parent:
-        end_group()
-    time.sleep(0.5)
-sys.exit(child.returncode)
+while child.poll() is None and not stop and os.getppid() == parent:
+    time.sleep(0.1)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.killpg(child.pid, sig)
+    except ProcessLookupError:
+        break
+    deadline = time.monotonic() + grace
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+code = child.poll()
+sys.exit(code if code and code > 0 else 0)
 """
 
 
@@ -149,6 +169,9 @@ def _java() -> Path | None:
 
 def missing_reason(gcloud: str | os.PathLike[str] | None = None) -> str | None:
     """Why the emulator cannot be started here (gcloud, its pubsub-emulator component, Java), or None."""
+    configured = os.environ.get(GCLOUD_ENV)
+    if gcloud is None and configured and not Path(configured).exists():
+        return f"${GCLOUD_ENV} is {configured}, which does not exist"
     path = Path(gcloud) if gcloud is not None else find_gcloud()
     if path is None or not path.exists():
         return (
@@ -282,11 +305,15 @@ class PubSubEmulator:
     def _spawn(self, gcloud: Path) -> None:
         assert self._log_path is not None and self.port is not None and self.data_dir is not None
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self._pid_file.unlink()
         args = [
             sys.executable,
             "-c",
             _SUPERVISOR,
             str(os.getpid()),
+            str(self._pid_file),
+            str(self.stop_timeout),
             str(gcloud),
             "beta",
             "emulators",
@@ -355,24 +382,37 @@ class PubSubEmulator:
             f"(last error: {last_error!r}); its output:\n{self.output()}"
         )
 
+    @property
+    def _pid_file(self) -> Path:
+        assert self._tmp is not None
+        return Path(self._tmp.name) / "gcloud.pid"
+
+    def _gcloud_pgid(self) -> int | None:
+        try:
+            return int(self._pid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        # start_new_session made the supervisor a process-group leader: this reaches gcloud and Java.
+        # The supervisor ends gcloud's process group (gcloud and Java) and exits once it is empty.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout
-        while time.monotonic() < deadline and _group_alive(proc.pid):
-            time.sleep(0.05)
-            proc.poll()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=2 * self.stop_timeout + 5)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        # It is stuck: end it and the group ourselves. The group is still alive (the supervisor waits
+        # for it), so its id cannot have been reused by anyone else.
+        pgid = self._gcloud_pgid()
+        proc.kill()
         proc.wait(timeout=5)
-        # Java may outlive the leader by a moment; wait until the group is empty.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and _group_alive(proc.pid):
-            time.sleep(0.05)
+        if pgid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
 
     def _cleanup(self) -> None:
         if self._owns_log:
@@ -385,16 +425,6 @@ class PubSubEmulator:
 
 class _PortTaken(Exception):
     pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- the real clients, pointed at an emulator --------------------------------------------------------
@@ -516,11 +546,26 @@ def ensure_push_subscription(
 
 
 def publish(host: str, project: str, topic: str, data: bytes, /, **attributes: str) -> str:
-    """Publish one message (keyword arguments are its attributes) and return its message ID."""
-    with _publisher(host) as client:
-        future = client.publish(topic_path(project, topic), data, **attributes)
-        message_id: str = future.result(timeout=10.0)
+    """Publish one message (keyword arguments are its attributes) and return its message ID.
+
+    Uses the GAPIC `google.pubsub_v1.PublisherClient.publish` (one synchronous Publish call, no
+    batching thread), so any attribute name works, `topic` and `data` included.
+    """
+    import grpc
+    from google.pubsub_v1 import PublisherClient, PubsubMessage
+    from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+
+    client = PublisherClient(transport=PublisherGrpcTransport(channel=grpc.insecure_channel(host)))
+    try:
+        response = client.publish(
+            topic=topic_path(project, topic),
+            messages=[PubsubMessage(data=data, attributes=attributes)],
+            timeout=10.0,
+        )
+        message_id: str = response.message_ids[0]
         return message_id
+    finally:
+        client.transport.close()  # type: ignore[no-untyped-call]
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
