@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import flask
 import functions_framework
+from cloudevents.http import CloudEvent
 
 from shared import bootstrap, web
 
@@ -19,3 +20,21 @@ def schedule_message(request: flask.Request) -> web.Response:
 def deliver_message(request: flask.Request) -> web.Response:
     """POST {"messageId", "generation"}: deliver one message if allowed now (Cloud Tasks)."""
     return web.deliver_message(request, bootstrap.container())
+
+
+@functions_framework.cloud_event
+def sweep_queue(cloud_event: CloudEvent) -> None:
+    """Pub/Sub messagePublished (Cloud Scheduler, every minute): catch what Cloud Tasks missed."""
+    web.sweep_event(cloud_event.get("id"), bootstrap.container())
+
+
+@functions_framework.http
+def process_queue(request: flask.Request) -> web.Response:
+    """POST: one sweep now, answering its counts (operators)."""
+    return web.process_queue(request, bootstrap.container())
+
+
+@functions_framework.http
+def health(request: flask.Request) -> web.Response:
+    """GET: queue stats; 503 with a reason if the database is down or the sweep is stale."""
+    return web.health(request, bootstrap.container())

@@ -57,6 +57,11 @@ class Container:
             max_attempts=s.max_attempts,
             lease_seconds=s.lease_seconds,
             max_content_length=s.max_content_length,
+            reconcile_after_seconds=s.reconcile_after_seconds,
+            sweep_grace_seconds=s.sweep_grace_seconds,
+            sweep_batch=s.sweep_batch_size,
+            sweep_time_budget_seconds=float(s.sweep_time_budget_seconds),
+            health_stale_seconds=s.health_stale_seconds,
         )
 
     @property

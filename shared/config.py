@@ -65,6 +65,11 @@ class Settings:
     max_attempts: int = 5
     lease_seconds: int = 120
     max_content_length: int = 1600
+    reconcile_after_seconds: int = 30
+    sweep_grace_seconds: int = 120
+    sweep_batch_size: int = 200
+    sweep_time_budget_seconds: int = 50
+    health_stale_seconds: int = 300
     log_level: str = "INFO"
 
     @classmethod
@@ -101,6 +106,11 @@ class Settings:
             max_attempts=_int(e, "MAX_ATTEMPTS", 5, minimum=1),
             lease_seconds=_int(e, "CLAIM_LEASE_SECONDS", 120, minimum=10),
             max_content_length=_int(e, "MAX_CONTENT_LENGTH", 1600, minimum=1),
+            reconcile_after_seconds=_int(e, "RECONCILE_AFTER_SECONDS", 30, minimum=1),
+            sweep_grace_seconds=_int(e, "SWEEP_GRACE_SECONDS", 120, minimum=0),
+            sweep_batch_size=_int(e, "SWEEP_BATCH_SIZE", 200, minimum=1),
+            sweep_time_budget_seconds=_int(e, "SWEEP_TIME_BUDGET_SECONDS", 50, minimum=1),
+            health_stale_seconds=_int(e, "HEALTH_STALE_SECONDS", 300, minimum=1),
             log_level=(_str(e, "LOG_LEVEL") or "INFO").upper(),
         )
 

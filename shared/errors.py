@@ -108,3 +108,7 @@ class PermanentSendError(SendError):
 
 class TransientSendError(SendError):
     """The SMS provider failed for now (rate limit, server error or timeout); retry later."""
+
+    # True when the request may have reached the provider and been accepted (a read timeout, a dropped
+    # connection, an unreadable 2xx): sending again before asking the provider could send twice.
+    maybe_sent = False

@@ -245,6 +245,9 @@ class StoredMessage:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     request_hash: str | None = None
+    claim_token: uuid.UUID | None = None
+    slot_at: datetime | None = None
+    lease_expires_at: datetime | None = None
 
     def to_public(self) -> dict[str, Any]:
         return {
@@ -300,3 +303,57 @@ class Outcome:
     scheduled_for: datetime | None = None
     sid: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SentRecord:
+    """A message the SMS provider has on record (for reconciliation)."""
+
+    sid: str
+    sent_at: datetime
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """A queued message that needs a (new) Cloud Task."""
+
+    message_id: uuid.UUID
+    generation: int
+    scheduled_for: datetime
+
+
+@dataclass(frozen=True)
+class StaleClaim:
+    """A 'sending' row whose lease ran out, re-claimed (new token) for reconciliation."""
+
+    message: StoredMessage
+    token: uuid.UUID
+    phone_number: str
+    timezone: str
+
+
+@dataclass(frozen=True)
+class QueueHealth:
+    queued: int
+    sending: int
+    sent_24h: int
+    last_sweep_at: datetime | None
+    last_sweep_counts: dict[str, Any]
+    oldest_overdue_at: datetime | None
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did, for the sweep_runs row, the logs and process_queue's answer."""
+
+    expired: int = 0
+    reconciled_sent: int = 0
+    reconciled_requeued: int = 0
+    reconcile_deferred: int = 0
+    overdue_requeued: int = 0
+    horizon_tasked: int = 0
+    task_errors: int = 0
+    batches: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.__dict__)

@@ -7,7 +7,18 @@ import uuid
 from datetime import datetime
 from typing import Protocol
 
-from shared.models import Claim, DeliveryContext, EnqueueResult, NewMessage, StoredMessage, UserContext
+from shared.models import (
+    Claim,
+    DeliveryContext,
+    EnqueueResult,
+    NewMessage,
+    QueueHealth,
+    SentRecord,
+    StaleClaim,
+    StoredMessage,
+    TaskRef,
+    UserContext,
+)
 from shared.policy import Limits
 
 
@@ -64,8 +75,10 @@ class Store(Protocol):
         body: str,
         now: datetime,
         local_date: str,
+        reconciled: bool = False,
     ) -> bool:
-        """Mark sent, write the outbound messages row and count the budget, in one transaction."""
+        """Mark sent, write the outbound messages row and count the budget, in one transaction.
+        `reconciled`: found at Twilio after the claim's holder lost track of it."""
         ...
 
     def release(
@@ -81,6 +94,47 @@ class Store(Protocol):
     def expire(self, message_id: uuid.UUID, now: datetime) -> bool:
         """Mark a queued message expired."""
         ...
+
+    def hold_for_reconcile(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, error: str, reconcile_at: datetime, now: datetime
+    ) -> bool:
+        """Keep a claim whose send outcome is unknown until `reconcile_at` (its slot keeps counting)."""
+        ...
+
+    def take_stale_claims(
+        self, now: datetime, *, lease_seconds: int, limit: int, message_id: uuid.UUID | None = None
+    ) -> list[StaleClaim]:
+        """Re-claim 'sending' rows whose lease ran out, for reconciliation (SKIP LOCKED)."""
+        ...
+
+    def requeue_claim(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, reason: str, now: datetime
+    ) -> int | None:
+        """The provider never got a stale claim's message: queued again, due now; the new generation."""
+        ...
+
+    def sweep_overdue(self, now: datetime, *, grace_seconds: int, limit: int) -> list[TaskRef]:
+        """Queued rows overdue (their task lost): bumped to a new generation that needs a task."""
+        ...
+
+    def sweep_horizon(self, now: datetime, *, horizon_seconds: int, limit: int) -> list[TaskRef]:
+        """Queued rows planned beyond the task horizon that came within it: they need a task."""
+        ...
+
+    def sweep_expire(self, now: datetime, *, limit: int) -> int:
+        """Expire queued rows past expires_at; how many."""
+        ...
+
+    def record_sweep(
+        self,
+        trigger: str,
+        started_at: datetime,
+        finished_at: datetime,
+        counts: dict[str, int],
+        error: str | None,
+    ) -> None: ...
+
+    def health(self, now: datetime) -> QueueHealth: ...
 
 
 class TaskQueue(Protocol):
@@ -100,6 +154,14 @@ class SmsSender(Protocol):
     def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
         """Send one SMS; returns the provider's message sid.
 
-        Raises PermanentSendError (never retry) or TransientSendError (retry later).
+        Raises PermanentSendError (never retry) or TransientSendError (retry later; its
+        `maybe_sent` says whether the provider may have accepted it anyway).
+        """
+        ...
+
+    def find_sent(self, to: str, body: str, *, since: datetime) -> SentRecord | None:
+        """The provider's record of this message to `to`, accepted at or after `since`, if any.
+
+        Raises TransientSendError when the provider cannot be asked.
         """
         ...

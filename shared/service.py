@@ -32,7 +32,10 @@ from shared.models import (
     NewMessage,
     Outcome,
     ScheduleRequest,
+    StaleClaim,
     StoredMessage,
+    SweepReport,
+    TaskRef,
     UserContext,
     iso,
     parse_uuid,
@@ -57,6 +60,12 @@ class Policy:
     max_attempts: int = 5
     lease_seconds: int = 120
     max_content_length: int = 1600
+    reconcile_after_seconds: int = 30
+    sweep_grace_seconds: int = 120
+    sweep_batch: int = 200
+    sweep_time_budget_seconds: float = 50.0
+    task_horizon_seconds: int = 30 * 86400 - 300
+    health_stale_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -224,6 +233,19 @@ def deliver(
     if m.status in FINAL_STATUSES:
         return _outcome(logging.INFO, m.id, "skipped", f"already_{m.status}", m.status, **fields)
     if m.status == SENDING:
+        if m.lease_expires_at is not None and m.lease_expires_at <= now:
+            # The claim's holder died or timed out: ask Twilio before anything is sent again.
+            claims = store.take_stale_claims(
+                now, lease_seconds=config.lease_seconds, limit=1, message_id=m.id
+            )
+            if claims:
+                result = reconcile(claims[0], store=store, tasks=tasks, sms=sms, config=config, clock=clock)
+                level = logging.WARNING if result == "deferred" else logging.INFO
+                action = "retry" if result == "deferred" else "reconciled"
+                return _outcome(level, m.id, action, f"reconciled_{result}", m.status, **fields)
+        if m.reason == "outcome_unknown":
+            # Keep Cloud Tasks retrying with backoff until the hold ends and this task can reconcile.
+            return _outcome(logging.INFO, m.id, "retry", "awaiting_reconciliation", m.status, **fields)
         return _outcome(logging.INFO, m.id, "skipped", "in_flight", m.status, **fields)
     if generation is not None and generation != m.generation:
         return _outcome(
@@ -298,6 +320,24 @@ def _send(
         )
     except TransientSendError as exc:
         code = exc.provider_code or str(exc.provider_status or "transient")
+        if exc.maybe_sent:
+            # Twilio may have the message: never resend before asking it. The claim (and its slot)
+            # stays until reconcile_at; then a retried task or the sweep reconciles.
+            reconcile_at = clock() + timedelta(seconds=config.reconcile_after_seconds)
+            store.hold_for_reconcile(
+                m.id, token, error=f"twilio {code}: {exc.message}", reconcile_at=reconcile_at, now=clock()
+            )
+            return _outcome(
+                logging.WARNING,
+                m.id,
+                "retry",
+                "outcome_unknown",
+                SENDING,
+                scheduled_for=reconcile_at,
+                attempts=attempts,
+                error=exc.message,
+                **fields,
+            )
         status = store.release(
             m.id, token, error=f"twilio {code}: {exc.message}", now=clock(), max_attempts=config.max_attempts
         )
@@ -435,3 +475,180 @@ def _outcome(
         sid=sid,
         extra=extra,
     )
+
+
+def reconcile(
+    claim: StaleClaim,
+    *,
+    store: Store,
+    tasks: TaskQueue,
+    sms: SmsSender,
+    config: Policy,
+    clock: Clock,
+) -> str:
+    """Settle a stale 'sending' claim with Twilio's record: "sent" (it went out: recorded with its
+    sid), "requeued" (it did not: queued again, due now, through the normal limit checks) or
+    "deferred" (Twilio could not be asked: the claim is held for another lease)."""
+    m = claim.message
+    since = m.slot_at or m.updated_at or clock()
+    fields: dict[str, Any] = {"userId": str(m.user_id), "agentId": m.agent_id, "reason": "reconcile"}
+    try:
+        found = sms.find_sent(claim.phone_number, m.content, since=since)
+    except TransientSendError as exc:
+        event(
+            log,
+            logging.WARNING,
+            "reconcile: Twilio unavailable; held for another lease",
+            messageId=str(m.id),
+            error=exc.message,
+            **fields,
+        )
+        return "deferred"
+    now = clock()
+    if found is not None:
+        # Twilio's clock, kept within [claim, now]: skew must not move the send out of the window
+        # in which it can have happened (nor out of the user's local day it counts on).
+        sent_at = min(max(found.sent_at, since), now)
+        local_date = sent_at.astimezone(policy.zone(claim.timezone)).date().isoformat()
+        store.record_sent(
+            m.id,
+            claim.token,
+            sid=found.sid,
+            body=m.content,
+            now=sent_at,
+            local_date=local_date,
+            reconciled=True,
+        )
+        event(
+            log,
+            logging.WARNING,
+            "reconciled: Twilio had sent it; recorded",
+            messageId=str(m.id),
+            twilioMessageSid=found.sid,
+            **fields,
+        )
+        return "sent"
+    generation = store.requeue_claim(m.id, claim.token, reason="reconciled_not_sent", now=now)
+    if generation is not None:
+        _wake(tasks, m, generation, now, now)
+    event(
+        log,
+        logging.WARNING,
+        "reconciled: Twilio never got it; queued again",
+        messageId=str(m.id),
+        generation=generation,
+        **fields,
+    )
+    return "requeued"
+
+
+def sweep(
+    *,
+    store: Store,
+    tasks: TaskQueue,
+    sms: SmsSender,
+    config: Policy,
+    clock: Clock,
+    trigger: str,
+) -> SweepReport:
+    """One pass over what Cloud Tasks may have missed; recorded in sweep_runs. Safe to run twice at
+    once: every batch is claimed with SKIP LOCKED."""
+    started = clock()
+    deadline = _time.monotonic() + config.sweep_time_budget_seconds
+    report = SweepReport()
+    error: str | None = None
+    limit = config.sweep_batch
+
+    def more(got: int) -> bool:
+        report.batches += 1
+        return got >= limit and _time.monotonic() < deadline
+
+    try:
+        while True:
+            n = store.sweep_expire(clock(), limit=limit)
+            report.expired += n
+            if not more(n):
+                break
+        while True:
+            claims = store.take_stale_claims(clock(), lease_seconds=config.lease_seconds, limit=limit)
+            for c in claims:
+                result = reconcile(c, store=store, tasks=tasks, sms=sms, config=config, clock=clock)
+                if result == "sent":
+                    report.reconciled_sent += 1
+                elif result == "requeued":
+                    report.reconciled_requeued += 1
+                else:
+                    report.reconcile_deferred += 1
+            if not more(len(claims)):
+                break
+        while True:
+            now = clock()
+            refs = store.sweep_overdue(now, grace_seconds=config.sweep_grace_seconds, limit=limit)
+            for ref in refs:
+                report.overdue_requeued += 1
+                if not _task(tasks, ref, now, now):
+                    report.task_errors += 1
+            if not more(len(refs)):
+                break
+        while True:
+            now = clock()
+            refs = store.sweep_horizon(now, horizon_seconds=config.task_horizon_seconds, limit=limit)
+            for ref in refs:
+                report.horizon_tasked += 1
+                if not _task(tasks, ref, ref.scheduled_for, now):
+                    report.task_errors += 1
+            if not more(len(refs)):
+                break
+    except StoreUnavailable as exc:
+        error = exc.message
+        raise
+    finally:
+        finished = clock()
+        level = logging.ERROR if error or report.task_errors else logging.INFO
+        event(log, level, "sweep finished", trigger=trigger, error=error, **report.counts())
+        if error is None:
+            store.record_sweep(trigger, started, finished, report.counts(), None)
+    return report
+
+
+def _task(tasks: TaskQueue, ref: TaskRef, at: datetime, now: datetime) -> bool:
+    try:
+        tasks.schedule(ref.message_id, ref.generation, at, now)
+    except Unavailable as exc:
+        event(
+            log,
+            logging.ERROR,
+            "sweep: task creation failed; retried next sweep",
+            messageId=str(ref.message_id),
+            generation=ref.generation,
+            reason="task_create_failed",
+            error=exc.message,
+        )
+        return False
+    return True
+
+
+def health(*, store: Store, config: Policy, now: datetime) -> tuple[int, dict[str, Any]]:
+    """The seed's health document, 503 with a reason when the database is unreachable or the
+    sweep has not finished a run for health_stale_seconds."""
+    body: dict[str, Any] = {"status": "healthy", "service": "message-orchestrator", "timestamp": iso(now)}
+    try:
+        h = store.health(now)
+    except StoreUnavailable:
+        return 503, body | {"status": "unhealthy", "reason": "database_unavailable"}
+    stale = h.last_sweep_at is None or (now - h.last_sweep_at).total_seconds() > config.health_stale_seconds
+    body["stats"] = {
+        "messagesQueued": h.queued,
+        "messagesSending": h.sending,
+        "messagesProcessed": h.sent_24h,
+        "lastProcessTime": iso(h.last_sweep_at),
+        "lastSweep": h.last_sweep_counts,
+        "oldestOverdueSeconds": max(0.0, (now - h.oldest_overdue_at).total_seconds())
+        if h.oldest_overdue_at
+        else 0.0,
+        "processorRunning": not stale,
+    }
+    if stale:
+        reason = "no_sweep_yet" if h.last_sweep_at is None else "sweep_stale"
+        return 503, body | {"status": "unhealthy", "reason": reason}
+    return 200, body

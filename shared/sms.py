@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -21,6 +22,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
 from shared.errors import PermanentSendError, SendError, TransientSendError
+from shared.models import SentRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 # (21612), sender cannot reach this destination (21606), body over 1600 characters (21617).
 PERMANENT_CODES = frozenset({21211, 21614, 21610, 21408, 21612, 21606, 21617})
 RATE_LIMITED_CODE = 20429
+# Reconciliation looks at the recipient's newest messages, accepted no earlier than the claim less
+# this much (Twilio's clock against ours).
+RECONCILE_LIST_LIMIT = 50
+RECONCILE_CLOCK_SKEW = timedelta(minutes=2)
 
 # Pseudo provider codes for failures that never produced a Twilio answer.
 CONNECT_TIMEOUT = "connect_timeout"  # no connection was made: certainly not sent
@@ -103,6 +109,8 @@ class TwilioSender:
             message = self._client.messages.create(**params)
         except (TwilioException, requests.RequestException, ValueError) as exc:
             error = classify(exc)
+            if isinstance(error, TransientSendError):
+                error.maybe_sent = error.provider_code in OUTCOME_UNKNOWN_CODES
             log.warning(
                 "sms send failed",
                 extra={
@@ -117,11 +125,37 @@ class TwilioSender:
         sid = getattr(message, "sid", None)
         if not isinstance(sid, str) or not sid:
             # Twilio answered 2xx, so the message was probably accepted; we just cannot tell which one.
-            raise TransientSendError(
+            error = TransientSendError(
                 "Twilio accepted the request but returned no message sid", code=BAD_RESPONSE
             )
+            error.maybe_sent = True
+            raise error
         log.info("sms sent", extra={"message_id": str(message_id), "sid": sid})
         return sid
+
+    def find_sent(self, to: str, body: str, *, since: datetime) -> SentRecord | None:
+        """The message with this body that Twilio accepted for `to` at or after `since`, if any.
+
+        Lists by recipient only (newest first): a DateSent filter would miss messages still queued
+        at Twilio, which have no date_sent yet. Raises TransientSendError if Twilio cannot be asked.
+        """
+        try:
+            candidates = self._client.messages.list(to=to, limit=RECONCILE_LIST_LIMIT)
+        except (TwilioException, requests.RequestException, ValueError) as exc:
+            raise classify(exc) from exc
+        floor = since - RECONCILE_CLOCK_SKEW
+        for m in candidates:
+            created = getattr(m, "date_created", None) or getattr(m, "date_sent", None)
+            if getattr(m, "body", None) != body or not isinstance(created, datetime):
+                continue
+            if created.tzinfo is None:
+                created = created.replace(tzinfo=UTC)
+            if created < floor:
+                continue
+            if getattr(m, "status", None) in ("failed", "undelivered", "canceled"):
+                continue
+            return SentRecord(sid=str(m.sid), sent_at=created)
+        return None
 
 
 def status_callback_url(base: str, message_id: uuid.UUID) -> str:

@@ -141,3 +141,51 @@ def deliver_message(request: flask.Request, c: Container) -> Response:
         return respond(200, payload)
 
     return handle(request, c, "deliver_message", run)
+
+
+def process_queue(request: flask.Request, c: Container) -> Response:
+    def run() -> Response:
+        if request.method != "POST":
+            return respond(
+                405,
+                {"success": False, "error": "method_not_allowed", "message": "use POST"},
+                {"Allow": "POST"},
+            )
+        report = service.sweep(
+            store=c.store, tasks=c.tasks, sms=c.sms, config=c.policy, clock=c.clock, trigger="http"
+        )
+        return respond(
+            200,
+            {
+                "success": True,
+                "message": "Queue processed successfully",
+                "lastProcessTime": iso(c.clock()),
+                "counts": report.counts(),
+            },
+        )
+
+    return handle(request, c, "process_queue", run)
+
+
+def health(request: flask.Request, c: Container) -> Response:
+    def run() -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return respond(
+                405, {"success": False, "error": "method_not_allowed", "message": "use GET"}, {"Allow": "GET"}
+            )
+        status, body = service.health(store=c.store, config=c.policy, now=c.clock())
+        return respond(status, body)
+
+    return handle(request, c, "health", run)
+
+
+def sweep_event(event_id: str | None, c: Container) -> None:
+    """The sweep_queue CloudEvent: one sweep. A database outage raises, so Pub/Sub redelivers."""
+    service.sweep(
+        store=c.store,
+        tasks=c.tasks,
+        sms=c.sms,
+        config=c.policy,
+        clock=c.clock,
+        trigger=f"pubsub:{event_id or '-'}",
+    )

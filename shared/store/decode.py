@@ -7,7 +7,16 @@ from datetime import datetime, time
 from typing import Any
 
 from shared.errors import NotFound, ValidationError
-from shared.models import Claim, DeliveryContext, EnqueueResult, StoredMessage, UserContext
+from shared.models import (
+    Claim,
+    DeliveryContext,
+    EnqueueResult,
+    QueueHealth,
+    StaleClaim,
+    StoredMessage,
+    TaskRef,
+    UserContext,
+)
 from shared.policy import History, Reservation, UserSettings
 
 
@@ -57,6 +66,9 @@ def message(row: dict[str, Any]) -> StoredMessage:
         created_at=instant(row.get("created_at")),
         updated_at=instant(row.get("updated_at")),
         request_hash=row.get("request_hash"),
+        claim_token=_uuid(row.get("claim_token")),
+        slot_at=instant(row.get("slot_at")),
+        lease_expires_at=instant(row.get("lease_expires_at")),
     )
 
 
@@ -126,3 +138,37 @@ def release_status(doc: Any) -> str:
     if doc is None:
         raise NotFound("no such message", field="messageId")
     return str(doc)
+
+
+def task_refs(doc: Any) -> list[TaskRef]:
+    return [
+        TaskRef(
+            message_id=uuid.UUID(str(d["id"])),
+            generation=int(d["generation"]),
+            scheduled_for=_required_instant(d["scheduled_for"]),
+        )
+        for d in doc or []
+    ]
+
+
+def stale_claims(doc: Any) -> list[StaleClaim]:
+    claims = []
+    for d in doc or []:
+        m = message(d["message"])
+        assert m.claim_token is not None
+        claims.append(
+            StaleClaim(message=m, token=m.claim_token, phone_number=d["phone_number"], timezone=d["timezone"])
+        )
+    return claims
+
+
+def health(doc: dict[str, Any]) -> QueueHealth:
+    last = doc.get("last_sweep") or {}
+    return QueueHealth(
+        queued=int(doc.get("queued") or 0),
+        sending=int(doc.get("sending") or 0),
+        sent_24h=int(doc.get("sent_24h") or 0),
+        last_sweep_at=instant(last.get("finished_at")),
+        last_sweep_counts=dict(last.get("counts") or {}),
+        oldest_overdue_at=instant(doc.get("oldest_overdue_at")),
+    )

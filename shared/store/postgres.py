@@ -18,7 +18,17 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shared.errors import StoreError, StoreUnavailable
-from shared.models import Claim, DeliveryContext, EnqueueResult, NewMessage, StoredMessage, UserContext
+from shared.models import (
+    Claim,
+    DeliveryContext,
+    EnqueueResult,
+    NewMessage,
+    QueueHealth,
+    StaleClaim,
+    StoredMessage,
+    TaskRef,
+    UserContext,
+)
 from shared.policy import Limits
 from shared.store import decode
 
@@ -126,9 +136,17 @@ class PostgresStore:
         return None if doc is None else int(doc)
 
     def record_sent(
-        self, message_id: uuid.UUID, token: uuid.UUID, *, sid: str, body: str, now: datetime, local_date: str
+        self,
+        message_id: uuid.UUID,
+        token: uuid.UUID,
+        *,
+        sid: str,
+        body: str,
+        now: datetime,
+        local_date: str,
+        reconciled: bool = False,
     ) -> bool:
-        doc = self.call("mq_record_sent", [message_id, token, sid, body, now, local_date])
+        doc = self.call("mq_record_sent", [message_id, token, sid, body, now, local_date, reconciled])
         return bool(doc and doc.get("recorded"))
 
     def release(
@@ -141,6 +159,44 @@ class PostgresStore:
 
     def expire(self, message_id: uuid.UUID, now: datetime) -> bool:
         return bool(self.call("mq_expire", [message_id, now]))
+
+    def hold_for_reconcile(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, error: str, reconcile_at: datetime, now: datetime
+    ) -> bool:
+        return bool(self.call("mq_hold_for_reconcile", [message_id, token, error, reconcile_at, now]))
+
+    def take_stale_claims(
+        self, now: datetime, *, lease_seconds: int, limit: int, message_id: uuid.UUID | None = None
+    ) -> list[StaleClaim]:
+        return decode.stale_claims(self.call("mq_take_stale_claims", [now, lease_seconds, limit, message_id]))
+
+    def requeue_claim(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, reason: str, now: datetime
+    ) -> int | None:
+        doc = self.call("mq_requeue_claim", [message_id, token, reason, now])
+        return None if doc is None else int(doc)
+
+    def sweep_overdue(self, now: datetime, *, grace_seconds: int, limit: int) -> list[TaskRef]:
+        return decode.task_refs(self.call("mq_sweep_overdue", [now, grace_seconds, limit]))
+
+    def sweep_horizon(self, now: datetime, *, horizon_seconds: int, limit: int) -> list[TaskRef]:
+        return decode.task_refs(self.call("mq_sweep_horizon", [now, horizon_seconds, limit]))
+
+    def sweep_expire(self, now: datetime, *, limit: int) -> int:
+        return int(self.call("mq_sweep_expire", [now, limit]) or 0)
+
+    def record_sweep(
+        self,
+        trigger: str,
+        started_at: datetime,
+        finished_at: datetime,
+        counts: dict[str, int],
+        error: str | None,
+    ) -> None:
+        self.call("mq_record_sweep", [trigger, started_at, finished_at, Jsonb(counts), error])
+
+    def health(self, now: datetime) -> QueueHealth:
+        return decode.health(self.call("mq_health", [now]))
 
     # Not part of the use cases' port: demo, tests and operators.
     def upsert_user(self, phone_number: str, timezone: str, **settings: Any) -> dict[str, Any]:

@@ -25,7 +25,17 @@ from postgrest.exceptions import APIError
 from supabase import Client, ClientOptions, create_client
 
 from shared.errors import StoreError, StoreUnavailable
-from shared.models import Claim, DeliveryContext, EnqueueResult, NewMessage, StoredMessage, UserContext
+from shared.models import (
+    Claim,
+    DeliveryContext,
+    EnqueueResult,
+    NewMessage,
+    QueueHealth,
+    StaleClaim,
+    StoredMessage,
+    TaskRef,
+    UserContext,
+)
 from shared.policy import Limits
 from shared.store import decode
 
@@ -212,7 +222,15 @@ class SupabaseStore:
         return None if doc is None else int(doc)
 
     def record_sent(
-        self, message_id: uuid.UUID, token: uuid.UUID, *, sid: str, body: str, now: datetime, local_date: str
+        self,
+        message_id: uuid.UUID,
+        token: uuid.UUID,
+        *,
+        sid: str,
+        body: str,
+        now: datetime,
+        local_date: str,
+        reconciled: bool = False,
     ) -> bool:
         doc = self._rpc(
             "mq_record_sent",
@@ -223,6 +241,7 @@ class SupabaseStore:
                 "p_body": body,
                 "p_now": _instant(now),
                 "p_local_date": local_date,
+                "p_reconciled": reconciled,
             },
         )
         return bool(doc and doc.get("recorded"))
@@ -253,6 +272,87 @@ class SupabaseStore:
         return bool(self._rpc("mq_expire", {"p_message_id": str(message_id), "p_now": _instant(now)}))
 
     # Not part of the use cases' port: demo, tests and operators.
+    def hold_for_reconcile(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, error: str, reconcile_at: datetime, now: datetime
+    ) -> bool:
+        doc = self._rpc(
+            "mq_hold_for_reconcile",
+            {
+                "p_message_id": str(message_id),
+                "p_token": str(token),
+                "p_error": error,
+                "p_reconcile_at": _instant(reconcile_at),
+                "p_now": _instant(now),
+            },
+        )
+        return bool(doc)
+
+    def take_stale_claims(
+        self, now: datetime, *, lease_seconds: int, limit: int, message_id: uuid.UUID | None = None
+    ) -> list[StaleClaim]:
+        doc = self._rpc(
+            "mq_take_stale_claims",
+            {
+                "p_now": _instant(now),
+                "p_lease_seconds": lease_seconds,
+                "p_limit": limit,
+                "p_message_id": _opt_uuid(message_id),
+            },
+        )
+        return decode.stale_claims(doc)
+
+    def requeue_claim(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, reason: str, now: datetime
+    ) -> int | None:
+        doc = self._rpc(
+            "mq_requeue_claim",
+            {
+                "p_message_id": str(message_id),
+                "p_token": str(token),
+                "p_reason": reason,
+                "p_now": _instant(now),
+            },
+        )
+        return None if doc is None else int(doc)
+
+    def sweep_overdue(self, now: datetime, *, grace_seconds: int, limit: int) -> list[TaskRef]:
+        doc = self._rpc(
+            "mq_sweep_overdue", {"p_now": _instant(now), "p_grace_seconds": grace_seconds, "p_limit": limit}
+        )
+        return decode.task_refs(doc)
+
+    def sweep_horizon(self, now: datetime, *, horizon_seconds: int, limit: int) -> list[TaskRef]:
+        doc = self._rpc(
+            "mq_sweep_horizon",
+            {"p_now": _instant(now), "p_horizon_seconds": horizon_seconds, "p_limit": limit},
+        )
+        return decode.task_refs(doc)
+
+    def sweep_expire(self, now: datetime, *, limit: int) -> int:
+        return int(self._rpc("mq_sweep_expire", {"p_now": _instant(now), "p_limit": limit}) or 0)
+
+    def record_sweep(
+        self,
+        trigger: str,
+        started_at: datetime,
+        finished_at: datetime,
+        counts: dict[str, int],
+        error: str | None,
+    ) -> None:
+        self._rpc(
+            "mq_record_sweep",
+            {
+                "p_trigger": trigger,
+                "p_started_at": _instant(started_at),
+                "p_finished_at": _instant(finished_at),
+                "p_counts": counts,
+                "p_error": error,
+            },
+        )
+
+    def health(self, now: datetime) -> QueueHealth:
+        return decode.health(self._rpc("mq_health", {"p_now": _instant(now)}))
+
     def upsert_user(self, phone_number: str, timezone: str, **settings: Any) -> dict[str, Any]:
         params: dict[str, Any] = {"p_phone_number": phone_number, "p_timezone": timezone}
         params.update({"p_" + name: _json_value(value) for name, value in settings.items()})

@@ -301,7 +301,7 @@ def test_transient_twilio_errors_release_the_claim_and_retry(
     assert row(database_url, result.message.id)["attempts"] == 2
 
 
-def test_a_twilio_timeout_is_transient(
+def test_a_timeout_after_twilio_accepted_is_reconciled_not_resent(
     store: PostgresStore,
     tasks: RecordingTaskQueue,
     twilio_sender: TwilioSender,
@@ -309,12 +309,53 @@ def test_a_twilio_timeout_is_transient(
     clock: VirtualClock,
     database_url: str,
 ) -> None:
-    user = make_user(store)
+    user = make_user(store, phone="+15551110040")
     result = schedule(store, tasks, user, T0, policy=POLICY)
-    sms_sink.add_fault(status=503, delay_seconds=2.0)  # the client gives up after 1 s
+    # Twilio accepts the message but answers after the client's 1 s timeout.
+    sms_sink.add_fault(delay_seconds=1.5)
     outcome = deliver(store, tasks, twilio_sender, clock, result.message.id)
-    assert outcome.action == "retry"
-    assert row(database_url, result.message.id)["status"] == "queued"
+    assert (outcome.action, outcome.reason) == ("retry", "outcome_unknown")
+    r = row(database_url, result.message.id)
+    assert r["status"] == "sending" and r["reason"] == "outcome_unknown"
+    sms_sink.wait_for(1, to="+15551110040", timeout=5)
+    # A retry before the hold ends sends nothing and keeps the queue retrying.
+    clock.advance(timedelta(seconds=5))
+    early = deliver(store, tasks, twilio_sender, clock, result.message.id)
+    assert (early.action, early.reason) == ("retry", "awaiting_reconciliation")
+    # After it, the retried task asks Twilio, finds the message and records it: one SMS in all.
+    clock.advance(timedelta(seconds=POLICY.reconcile_after_seconds))
+    later = deliver(store, tasks, twilio_sender, clock, result.message.id)
+    assert (later.action, later.reason) == ("reconciled", "reconciled_sent")
+    [sent] = sms_sink.messages(to="+15551110040")
+    r = row(database_url, result.message.id)
+    assert r["status"] == "sent" and r["twilio_message_sid"] == sent["sid"]
+    assert budget(database_url, user) == {"2025-06-02": 1}
+    assert deliver(store, tasks, twilio_sender, clock, result.message.id).reason == "already_sent"
+    assert len(sms_sink.messages()) == 1
+
+
+def test_a_timeout_twilio_never_accepted_is_sent_after_reconciling(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15551110041")
+    result = schedule(store, tasks, user, T0, policy=POLICY)
+    # No answer in time, and in the end a refusal: Twilio never had it.
+    sms_sink.add_fault(status=503, delay_seconds=1.5)
+    assert deliver(store, tasks, twilio_sender, clock, result.message.id).reason == "outcome_unknown"
+    clock.advance(timedelta(seconds=POLICY.reconcile_after_seconds + 1))
+    reconciled = deliver(store, tasks, twilio_sender, clock, result.message.id)
+    assert (reconciled.action, reconciled.reason) == ("reconciled", "reconciled_requeued")
+    r = row(database_url, result.message.id)
+    assert r["status"] == "queued" and r["task_generation"] == 1 and r["slot_at"] is None
+    assert tasks.for_message(result.message.id)[-1].generation == 1
+    sent = deliver(store, tasks, twilio_sender, clock, result.message.id, generation=1)
+    assert sent.action == "sent"
+    assert len(sms_sink.messages(to="+15551110041")) == 1
 
 
 def test_attempts_are_bounded(

@@ -747,6 +747,14 @@ def test_every_method_is_exactly_one_rpc_named_like_the_sql_function(
         ("mq_fail", lambda: s.fail(b, error="e", reason="r", now=T0)),
         ("mq_expire", lambda: s.expire(a, T0)),
         ("mq_record_inbound", lambda: s.record_inbound(user_id, "hi", "SMi", T0)),
+        ("mq_take_stale_claims", lambda: s.take_stale_claims(T0, lease_seconds=60, limit=5)),
+        ("mq_requeue_claim", lambda: s.requeue_claim(b, token, reason="r", now=T0)),
+        ("mq_hold_for_reconcile", lambda: s.hold_for_reconcile(b, token, error="e", reconcile_at=T0, now=T0)),
+        ("mq_sweep_overdue", lambda: s.sweep_overdue(T0, grace_seconds=60, limit=5)),
+        ("mq_sweep_horizon", lambda: s.sweep_horizon(T0, horizon_seconds=60, limit=5)),
+        ("mq_sweep_expire", lambda: s.sweep_expire(T0, limit=5)),
+        ("mq_record_sweep", lambda: s.record_sweep("t", T0, T0, {"expired": 0}, None)),
+        ("mq_health", lambda: s.health(T0)),
     ]
     for function, call in calls:
         postgrest.clear()
@@ -768,6 +776,7 @@ def test_every_method_is_exactly_one_rpc_named_like_the_sql_function(
         "p_body": "b",
         "p_now": "2025-06-02T15:00:00+00:00",
         "p_local_date": "2025-06-02",
+        "p_reconciled": False,
     }
 
     postgrest.clear()

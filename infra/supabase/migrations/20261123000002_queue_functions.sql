@@ -3,6 +3,17 @@
 -- Every function takes the current time as p_now: the database clock decides nothing, so tests and
 -- soak runs can drive a virtual clock. Results are jsonb so both stores decode one shape.
 
+-- The orchestrator's decisions, for agents and operators (agent_actions_log is the seed's table).
+create or replace function mq_log_action(
+    p_action_type text, p_user_id uuid, p_message_id uuid, p_input jsonb, p_output jsonb,
+    p_error text, p_now timestamptz)
+returns void
+language sql as $$
+    insert into agent_actions_log (agent_type, action_type, user_id, message_id, input_data, output_data,
+                                   error, created_at)
+    values ('message_orchestrator', p_action_type, p_user_id, p_message_id, p_input, p_output, p_error, p_now);
+$$;
+
 -- The seed's budget counter, keyed by the user's local date. p_at is when the message went out; the
 -- default keeps the seed's two-argument call working for existing callers.
 create or replace function increment_message_budget(p_user_id uuid, p_date date, p_at timestamptz default now())
@@ -100,6 +111,9 @@ begin
         where agent_id = p_agent_id and idempotency_key = p_idempotency_key;
         return jsonb_build_object('created', false, 'message', to_jsonb(v_row));
     end if;
+    perform mq_log_action('scheduled', p_user_id, v_row.id,
+        jsonb_build_object('agentId', p_agent_id, 'priority', p_priority, 'canDelay', p_can_delay),
+        jsonb_build_object('scheduledFor', p_scheduled_for, 'reason', p_reason), null, p_now);
     return jsonb_build_object('created', true, 'message', to_jsonb(v_row));
 end;
 $$;
@@ -203,23 +217,33 @@ $$;
 create or replace function mq_reschedule(
     p_message_id uuid, p_generation integer, p_at timestamptz, p_reason text, p_now timestamptz)
 returns jsonb
-language sql as $$
-    with updated as (
-        update message_queue set
-            scheduled_for = p_at,
-            reason = p_reason,
-            task_generation = task_generation + 1,
-            updated_at = p_now
-        where id = p_message_id and status = 'queued' and task_generation = p_generation
-        returning task_generation)
-    select to_jsonb(u.task_generation) from updated u;
+language plpgsql as $$
+declare
+    v_user_id uuid;
+    v_generation integer;
+begin
+    update message_queue set
+        scheduled_for = p_at,
+        reason = p_reason,
+        task_generation = task_generation + 1,
+        updated_at = p_now
+    where id = p_message_id and status = 'queued' and task_generation = p_generation
+    returning user_id, task_generation into v_user_id, v_generation;
+    if not found then
+        return null;
+    end if;
+    perform mq_log_action('deferred', v_user_id, p_message_id, null,
+        jsonb_build_object('scheduledFor', p_at, 'reason', p_reason, 'generation', v_generation), null, p_now);
+    return to_jsonb(v_generation);
+end;
 $$;
 
 -- Twilio accepted the message: mark it sent, write the outbound history row and count the budget,
 -- all in one transaction. It records whatever claim is current: once Twilio has the message, the
 -- send happened, and losing that fact would be worse than any race on the claim token.
 create or replace function mq_record_sent(
-    p_message_id uuid, p_token uuid, p_sid text, p_body text, p_now timestamptz, p_local_date date)
+    p_message_id uuid, p_token uuid, p_sid text, p_body text, p_now timestamptz, p_local_date date,
+    p_reconciled boolean default false)
 returns jsonb
 language plpgsql as $$
 declare
@@ -263,6 +287,9 @@ begin
         updated_at = p_now
     where id = p_message_id;
     perform increment_message_budget(v_row.user_id, p_local_date, p_now);
+    perform mq_log_action(case when p_reconciled then 'reconciled' else 'sent' end, v_row.user_id, p_message_id,
+        null, jsonb_build_object('outcome', 'sent', 'twilioMessageSid', p_sid, 'attempts', v_row.attempts,
+                                 'tokenMatched', v_row.claim_token is not distinct from p_token), null, p_now);
     return jsonb_build_object('recorded', true, 'status', 'sent',
                               'token_matched', v_row.claim_token is not distinct from p_token);
 end;
@@ -272,48 +299,71 @@ $$;
 create or replace function mq_release(
     p_message_id uuid, p_token uuid, p_error text, p_now timestamptz, p_max_attempts integer)
 returns jsonb
-language sql as $$
-    with updated as (
-        update message_queue set
-            status = case when attempts >= p_max_attempts then 'failed' else 'queued' end,
-            reason = case when attempts >= p_max_attempts then 'attempts_exhausted' else 'retry' end,
-            last_error = p_error,
-            claim_token = null,
-            lease_expires_at = null,
-            slot_at = null,
-            updated_at = p_now
-        where id = p_message_id and status = 'sending' and claim_token = p_token
-        returning status)
-    select coalesce((select to_jsonb(status) from updated),
-                    (select to_jsonb(status) from message_queue where id = p_message_id));
+language plpgsql as $$
+declare
+    v_user_id uuid;
+    v_status text;
+begin
+    update message_queue set
+        status = case when attempts >= p_max_attempts then 'failed' else 'queued' end,
+        reason = case when attempts >= p_max_attempts then 'attempts_exhausted' else 'retry' end,
+        last_error = p_error,
+        claim_token = null,
+        lease_expires_at = null,
+        slot_at = null,
+        updated_at = p_now
+    where id = p_message_id and status = 'sending' and claim_token = p_token
+    returning user_id, status into v_user_id, v_status;
+    if not found then
+        return (select to_jsonb(status) from message_queue where id = p_message_id);
+    end if;
+    perform mq_log_action(case when v_status = 'failed' then 'failed' else 'retry' end, v_user_id, p_message_id,
+        null, jsonb_build_object('status', v_status), p_error, p_now);
+    return to_jsonb(v_status);
+end;
 $$;
 
 create or replace function mq_fail(p_message_id uuid, p_error text, p_reason text, p_now timestamptz)
 returns jsonb
-language sql as $$
-    with updated as (
-        update message_queue set
-            status = 'failed',
-            reason = p_reason,
-            last_error = p_error,
-            claim_token = null,
-            lease_expires_at = null,
-            slot_at = null,
-            updated_at = p_now
-        where id = p_message_id and status in ('queued', 'sending')
-        returning 1)
-    select to_jsonb(exists (select 1 from updated));
+language plpgsql as $$
+declare
+    v_user_id uuid;
+begin
+    update message_queue set
+        status = 'failed',
+        reason = p_reason,
+        last_error = p_error,
+        claim_token = null,
+        lease_expires_at = null,
+        slot_at = null,
+        updated_at = p_now
+    where id = p_message_id and status in ('queued', 'sending')
+    returning user_id into v_user_id;
+    if not found then
+        return to_jsonb(false);
+    end if;
+    perform mq_log_action('failed', v_user_id, p_message_id, null, jsonb_build_object('reason', p_reason),
+        p_error, p_now);
+    return to_jsonb(true);
+end;
 $$;
 
 create or replace function mq_expire(p_message_id uuid, p_now timestamptz)
 returns jsonb
-language sql as $$
-    with updated as (
-        update message_queue set status = 'expired', reason = 'expired', updated_at = p_now
-        -- The caller has established that the message cannot go out before expires_at.
-        where id = p_message_id and status = 'queued' and expires_at is not null
-        returning 1)
-    select to_jsonb(exists (select 1 from updated));
+language plpgsql as $$
+declare
+    v_user_id uuid;
+begin
+    update message_queue set status = 'expired', reason = 'expired', updated_at = p_now
+    -- The caller has established that the message cannot go out before expires_at.
+    where id = p_message_id and status = 'queued' and expires_at is not null
+    returning user_id into v_user_id;
+    if not found then
+        return to_jsonb(false);
+    end if;
+    perform mq_log_action('expired', v_user_id, p_message_id, null, null, null, p_now);
+    return to_jsonb(true);
+end;
 $$;
 
 -- An inbound SMS from a user (the Twilio webhook records these; tests and the demo use it to make a
@@ -367,15 +417,4 @@ language sql as $$
         poc_agent_type = excluded.poc_agent_type,
         updated_at = now()
     returning to_jsonb(users.*);
-$$;
-
--- The orchestrator's decisions, for agents and operators (agent_actions_log is the seed's table).
-create or replace function mq_log_action(
-    p_action_type text, p_user_id uuid, p_message_id uuid, p_input jsonb, p_output jsonb,
-    p_error text, p_now timestamptz)
-returns void
-language sql as $$
-    insert into agent_actions_log (agent_type, action_type, user_id, message_id, input_data, output_data,
-                                   error, created_at)
-    values ('message_orchestrator', p_action_type, p_user_id, p_message_id, p_input, p_output, p_error, p_now);
 $$;
