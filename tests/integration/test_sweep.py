@@ -1,0 +1,354 @@
+"""The sweep and the faults it exists for, on real Postgres with the real twilio client and the SMS
+sink: lost tasks, a process dying around Twilio's accept, the database going away mid-delivery,
+duplicate and racing deliveries. Each fault test ends with one SMS at the sink and the row's state."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from shared import service
+from shared.dev.sink import SmsSink
+from shared.errors import StoreUnavailable
+from shared.models import Outcome
+from shared.policy import Limits
+from shared.sms import TwilioSender
+from shared.store.postgres import PostgresStore
+from tests.support.factories import budget, make_user, row, schedule, sql
+from tests.support.fakes import RecordingTaskQueue, VirtualClock
+
+T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
+POLICY = service.Policy(limits=Limits(), max_attempts=3, lease_seconds=120, sweep_grace_seconds=120)
+
+
+class Crash(BaseException):
+    """The instance dies here (BaseException: nothing in the service may catch it)."""
+
+
+class CrashAfterSend:
+    """Twilio accepts the message, then the process dies before it can record anything."""
+
+    def __init__(self, inner: TwilioSender) -> None:
+        self.inner = inner
+
+    def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
+        self.inner.send(to, body, message_id=message_id)
+        raise Crash
+
+    def find_sent(self, to: str, body: str, *, since: datetime) -> Any:
+        return self.inner.find_sent(to, body, since=since)
+
+
+class CrashBeforeSend(CrashAfterSend):
+    def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
+        raise Crash
+
+
+class FlakyStore:
+    """The real store, except that the named method finds the database gone (`times` times)."""
+
+    def __init__(self, inner: PostgresStore, method: str, times: int = 1_000_000) -> None:
+        self.inner, self.method, self.times = inner, method, times
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name != self.method:
+            return attr
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            if self.times > 0:
+                self.times -= 1
+                raise StoreUnavailable()
+            return attr(*args, **kwargs)
+
+        return failing
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[PostgresStore]:
+    s = PostgresStore(database_url, max_size=8)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def tasks() -> RecordingTaskQueue:
+    return RecordingTaskQueue()
+
+
+def deliver(
+    store: Any, tasks: RecordingTaskQueue, sms: Any, at: datetime, mid: uuid.UUID, gen: int = 0
+) -> Outcome:
+    return service.deliver(
+        {"messageId": str(mid), "generation": gen},
+        store=store,
+        tasks=tasks,
+        sms=sms,
+        config=POLICY,
+        clock=VirtualClock(at),
+    )
+
+
+def sweep(
+    store: Any, tasks: RecordingTaskQueue, sms: Any, at: datetime, config: service.Policy = POLICY
+) -> Any:
+    return service.sweep(
+        store=store, tasks=tasks, sms=sms, config=config, clock=VirtualClock(at), trigger="test"
+    )
+
+
+def test_a_lost_task_is_recreated_by_the_sweep_and_the_old_one_goes_stale(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15552220001")
+    mid = schedule(store, tasks, user, T0, policy=POLICY).message.id
+    tasks.tasks.clear()  # the task is lost
+    assert (
+        sweep(store, tasks, twilio_sender, T0 + timedelta(seconds=60)).overdue_requeued == 0
+    )  # within grace
+    report = sweep(store, tasks, twilio_sender, T0 + timedelta(minutes=3))
+    assert report.overdue_requeued == 1
+    assert [(t.generation, t.at) for t in tasks.for_message(mid)] == [(1, T0 + timedelta(minutes=3))]
+    # Just swept (updated_at moved): the next minute's sweep leaves it alone.
+    assert sweep(store, tasks, twilio_sender, T0 + timedelta(minutes=4)).overdue_requeued == 0
+    # If the lost task turns up after all, it is stale; the new one sends.
+    assert deliver(store, tasks, twilio_sender, T0 + timedelta(minutes=3), mid, 0).reason == "stale_task"
+    assert deliver(store, tasks, twilio_sender, T0 + timedelta(minutes=3), mid, 1).action == "sent"
+    assert len(sms_sink.messages(to="+15552220001")) == 1
+    assert row(database_url, mid)["status"] == "sent"
+    runs = sql(database_url, "select trigger, counts->>'overdue_requeued' from sweep_runs order by id")
+    assert runs == [("test", "0"), ("test", "1"), ("test", "0")]
+    actions = sql(
+        database_url, "select action_type from agent_actions_log where message_id = %s order by id", mid
+    )
+    assert [a for (a,) in actions] == ["scheduled", "task_recreated", "sent"]
+
+
+def test_a_message_beyond_the_task_horizon_gets_its_task_when_it_comes_in_range(
+    store: PostgresStore, twilio_sender: TwilioSender, database_url: str
+) -> None:
+    # A one-hour horizon stands in for Cloud Tasks' 30 days.
+    tasks = RecordingTaskQueue(horizon=timedelta(hours=1))
+    config = service.Policy(limits=Limits(), task_horizon_seconds=3600)
+    user = make_user(store, "America/New_York")
+    night = datetime(2025, 6, 3, 3, 0, tzinfo=UTC)  # 23:00 in New York: planned for 08:00, 9 h away
+    result = schedule(store, tasks, user, night, policy=config)
+    assert result.message.scheduled_for == datetime(2025, 6, 3, 12, 0, tzinfo=UTC)
+    assert tasks.tasks == []
+    assert sweep(store, tasks, twilio_sender, night + timedelta(hours=7), config).horizon_tasked == 0
+    report = sweep(store, tasks, twilio_sender, night + timedelta(hours=8, minutes=30), config)
+    assert report.horizon_tasked == 1
+    assert [(t.generation, t.at) for t in tasks.tasks] == [(0, datetime(2025, 6, 3, 12, 0, tzinfo=UTC))]
+    assert (
+        sweep(store, tasks, twilio_sender, night + timedelta(hours=8, minutes=31), config).horizon_tasked == 0
+    )
+
+
+def test_a_process_dying_after_twilio_accepted_is_reconciled_without_a_resend(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15552220002")
+    mid = schedule(store, tasks, user, T0, policy=POLICY).message.id
+    with pytest.raises(Crash):
+        deliver(store, tasks, CrashAfterSend(twilio_sender), T0, mid)
+    assert row(database_url, mid)["status"] == "sending"
+    # Cloud Tasks retries the dead request: the claim is still leased, so nothing is sent.
+    retried = deliver(store, tasks, twilio_sender, T0 + timedelta(seconds=20), mid)
+    assert (retried.action, retried.reason) == ("skipped", "in_flight")
+    assert sweep(store, tasks, twilio_sender, T0 + timedelta(seconds=60)).reconciled_sent == 0
+    report = sweep(store, tasks, twilio_sender, T0 + timedelta(minutes=3))
+    assert (report.reconciled_sent, report.reconciled_requeued) == (1, 0)
+    [sent] = sms_sink.messages(to="+15552220002")
+    r = row(database_url, mid)
+    assert r["status"] == "sent" and r["twilio_message_sid"] == sent["sid"] and r["claim_token"] is None
+    assert budget(database_url, user) == {"2025-06-02": 1}
+    actions = sql(
+        database_url, "select action_type from agent_actions_log where message_id = %s order by id", mid
+    )
+    assert [a for (a,) in actions] == ["scheduled", "reconciled"]
+
+
+def test_a_process_dying_before_twilio_got_it_is_requeued_and_sent_once(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15552220003")
+    mid = schedule(store, tasks, user, T0, policy=POLICY).message.id
+    with pytest.raises(Crash):
+        deliver(store, tasks, CrashBeforeSend(twilio_sender), T0, mid)
+    report = sweep(store, tasks, twilio_sender, T0 + timedelta(minutes=3))
+    assert (report.reconciled_sent, report.reconciled_requeued) == (0, 1)
+    r = row(database_url, mid)
+    assert r["status"] == "queued" and r["task_generation"] == 1 and r["slot_at"] is None
+    assert deliver(store, tasks, twilio_sender, T0 + timedelta(minutes=3), mid, 1).action == "sent"
+    assert len(sms_sink.messages(to="+15552220003")) == 1
+    assert row(database_url, mid)["status"] == "sent"
+
+
+def test_the_database_going_away_after_twilio_accepted_loses_nothing(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15552220004")
+    mid = schedule(store, tasks, user, T0, policy=POLICY).message.id
+    flaky = FlakyStore(store, "record_sent")
+    with pytest.raises(StoreUnavailable):  # the HTTP layer answers 503
+        deliver(flaky, tasks, twilio_sender, T0, mid)
+    assert row(database_url, mid)["status"] == "sending"
+    report = sweep(store, tasks, twilio_sender, T0 + timedelta(minutes=3))
+    assert report.reconciled_sent == 1
+    [sent] = sms_sink.messages(to="+15552220004")
+    assert row(database_url, mid)["twilio_message_sid"] == sent["sid"]
+
+
+def test_the_database_down_before_the_claim_sends_nothing_and_the_retry_sends(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15552220005")
+    mid = schedule(store, tasks, user, T0, policy=POLICY).message.id
+    with pytest.raises(StoreUnavailable):
+        deliver(FlakyStore(store, "claim"), tasks, twilio_sender, T0, mid)
+    assert sms_sink.messages() == [] and row(database_url, mid)["status"] == "queued"
+    assert deliver(store, tasks, twilio_sender, T0 + timedelta(seconds=10), mid).action == "sent"
+    assert len(sms_sink.messages(to="+15552220005")) == 1
+
+
+def test_the_same_task_delivered_twice_at_once_sends_once(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15552220006")
+    mid = schedule(store, tasks, user, T0, policy=POLICY).message.id
+    barrier = threading.Barrier(2)
+    outcomes: list[Outcome] = []
+
+    def run() -> None:
+        barrier.wait(timeout=10)
+        outcomes.append(deliver(store, tasks, twilio_sender, T0, mid))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(o.action for o in outcomes) in (["sent", "skipped"], ["deferred", "sent"])
+    assert len(sms_sink.messages(to="+15552220006")) == 1
+    assert row(database_url, mid)["status"] == "sent"
+
+
+def test_a_sweep_racing_a_delivery_leaves_the_claim_alone(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15552220007")
+    mid = schedule(store, tasks, user, T0 - timedelta(minutes=10), policy=POLICY).message.id
+    swept: list[Any] = []
+
+    class SweepDuringSend:
+        """While Twilio is being called for the overdue message, the minute's sweep runs."""
+
+        def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
+            swept.append(sweep(store, tasks, twilio_sender, T0))
+            return twilio_sender.send(to, body, message_id=message_id)
+
+        def find_sent(self, to: str, body: str, *, since: datetime) -> Any:
+            return twilio_sender.find_sent(to, body, since=since)
+
+    assert deliver(store, tasks, SweepDuringSend(), T0, mid).action == "sent"
+    [report] = swept
+    assert (report.overdue_requeued, report.reconciled_sent, report.reconciled_requeued) == (0, 0, 0)
+    assert len(sms_sink.messages(to="+15552220007")) == 1
+    assert row(database_url, mid)["status"] == "sent"
+
+
+def test_two_sweeps_at_once_take_each_row_once(
+    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender, database_url: str
+) -> None:
+    users = [make_user(store) for _ in range(40)]
+    mids = [schedule(store, tasks, u, T0, policy=POLICY).message.id for u in users]
+    tasks.tasks.clear()
+    small = service.Policy(limits=Limits(), sweep_batch=7)
+    barrier = threading.Barrier(2)
+    reports: list[Any] = []
+
+    def run() -> None:
+        barrier.wait(timeout=10)
+        reports.append(sweep(store, tasks, twilio_sender, T0 + timedelta(minutes=5), small))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sum(r.overdue_requeued for r in reports) == 40
+    assert sorted(t.message_id for t in tasks.tasks) == sorted(mids)
+    assert sql(database_url, "select distinct task_generation from message_queue") == [(1,)]
+
+
+def test_the_sweep_expires_what_can_no_longer_go_out(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+) -> None:
+    user = make_user(store)
+    mid = schedule(store, tasks, user, T0, policy=POLICY, expiresAt="2025-06-02T15:10:00Z").message.id
+    assert sweep(store, tasks, twilio_sender, T0 + timedelta(minutes=5)).expired == 0
+    assert sweep(store, tasks, twilio_sender, T0 + timedelta(minutes=11)).expired == 1
+    assert row(database_url, mid)["status"] == "expired"
+    assert deliver(store, tasks, twilio_sender, T0 + timedelta(minutes=12), mid).reason == "already_expired"
+    assert sms_sink.messages() == []
+
+
+def test_health_reports_the_queue_and_the_sweep(
+    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender
+) -> None:
+    status, body = service.health(store=store, config=POLICY, now=T0)
+    assert (status, body["status"], body["reason"]) == (503, "unhealthy", "no_sweep_yet")
+    user = make_user(store)
+    schedule(store, tasks, user, T0 - timedelta(minutes=2), policy=POLICY)
+    sweep(store, tasks, twilio_sender, T0)
+    status, body = service.health(store=store, config=POLICY, now=T0 + timedelta(minutes=1))
+    assert status == 200 and body["status"] == "healthy" and body["service"] == "message-orchestrator"
+    stats = body["stats"]
+    assert stats["messagesQueued"] == 1 and stats["processorRunning"] is True
+    assert stats["lastProcessTime"] == "2025-06-02T15:00:00.000Z"
+    assert stats["oldestOverdueSeconds"] == 180.0
+    status, body = service.health(store=store, config=POLICY, now=T0 + timedelta(minutes=6))
+    assert (status, body["reason"], body["stats"]["processorRunning"]) == (503, "sweep_stale", False)
+    dead = PostgresStore("postgresql://postgres@127.0.0.1:1/none", timeout=0.5)
+    try:
+        status, body = service.health(store=dead, config=POLICY, now=T0)
+        assert (status, body["reason"]) == (503, "database_unavailable")
+    finally:
+        dead.close()
