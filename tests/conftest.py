@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.pubsub_fixtures import pubsub_emulator
 from tests.integration.sms_fixtures import sms_sink, twilio_client, twilio_sender
 from tests.integration.tasks_fixtures import tasks_client, tasks_emulator
 from tests.support.pg import PgCluster
@@ -11,6 +12,7 @@ from tests.support.pg import PgCluster
 __all__ = [
     "database_url",
     "pg_cluster",
+    "pubsub_emulator",
     "sms_sink",
     "tasks_client",
     "tasks_emulator",

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,7 +41,16 @@ QUEUE_PATH = f"projects/{PROJECT}/locations/{LOCATION}/queues/{QUEUE}"
 ACCOUNT_SID = "AC" + "d" * 32
 AUTH_TOKEN = "local-dev-token"
 FROM_NUMBER = "+15005550006"
-FUNCTIONS = ("schedule_message", "deliver_message")
+SWEEP_TOPIC = "orchestrator-sweep"
+SWEEP_SUBSCRIPTION = "orchestrator-sweep-push"
+# entry point -> functions-framework signature type
+FUNCTIONS = {
+    "schedule_message": "http",
+    "deliver_message": "http",
+    "sweep_queue": "cloudevent",
+    "process_queue": "http",
+    "health": "http",
+}
 
 log = logging.getLogger("dev")
 
@@ -49,12 +59,25 @@ log = logging.getLogger("dev")
 class Ports:
     schedule: int = 8081
     deliver: int = 8082
+    sweep: int = 8083
+    process: int = 8084
+    health: int = 8085
     sink: int = 8089
     tasks: int = 8123
+    pubsub: int = 8086
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(schedule=free_port(), deliver=free_port(), sink=free_port(), tasks=free_port())
+        return cls(**{name: free_port() for name in cls.__dataclass_fields__})
+
+    def of(self, function: str) -> int:
+        return {
+            "schedule_message": self.schedule,
+            "deliver_message": self.deliver,
+            "sweep_queue": self.sweep,
+            "process_queue": self.process,
+            "health": self.health,
+        }[function]
 
 
 @dataclass
@@ -64,11 +87,18 @@ class LocalStack:
     database_url: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     quiet: bool = False
+    # None: the Pub/Sub emulator when the Google Cloud CLI has it, else a timer calling process_queue.
+    use_pubsub: bool | None = None
+    # Seconds between sweeps (Cloud Scheduler's "every minute"); 0: no scheduler.
+    sweep_interval: float = 60.0
 
     def __post_init__(self) -> None:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._emulator: TasksEmulator | None = None
+        self._pubsub: Any = None
         self._pg: Any = None
+        self._scheduler: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -98,8 +128,7 @@ class LocalStack:
             )
             self._wait_http(f"{self.sink_url}/_sink/health", "sms-sink")
             self._say(f"sms sink     {self.sink_url} (recorded in {self.workdir / 'sms.jsonl'})")
-            for name in FUNCTIONS:
-                port = self.ports.schedule if name == "schedule_message" else self.ports.deliver
+            for name, signature in FUNCTIONS.items():
                 self._spawn(
                     name,
                     [
@@ -110,24 +139,33 @@ class LocalStack:
                         name,
                         "--source",
                         str(MAIN),
+                        "--signature-type",
+                        signature,
                         "--host",
                         "127.0.0.1",
                         "--port",
-                        str(port),
+                        str(self.ports.of(name)),
                     ],
                     env=self.function_env(),
                 )
             for name in FUNCTIONS:
-                port = self.ports.schedule if name == "schedule_message" else self.ports.deliver
                 # Any HTTP answer means the server is up (GET on deliver answers 405).
-                self._wait_http(f"http://127.0.0.1:{port}/", name, any_status=True)
-                self._say(f"function     {name} at http://127.0.0.1:{port}/")
+                self._wait_http(self.url_of(name), name, any_status=True)
+                self._say(f"function     {name:<16} {self.url_of(name)}")
+            self._start_sweep_trigger()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.join(timeout=10)
+            self._scheduler = None
+        if self._pubsub is not None:
+            self._pubsub.stop()
+            self._pubsub = None
         for proc in reversed(list(self._procs.values())):
             if proc.poll() is None:
                 try:
@@ -158,6 +196,20 @@ class LocalStack:
 
     # -- what the parts need -----------------------------------------------------------------
 
+    def url_of(self, function: str) -> str:
+        return f"http://127.0.0.1:{self.ports.of(function)}/"
+
+    @property
+    def pubsub_host(self) -> str | None:
+        return self._pubsub.host if self._pubsub is not None else None
+
+    def publish_sweep(self, **attributes: str) -> str:
+        """What Cloud Scheduler does every minute: publish to the sweep topic."""
+        from shared.dev.pubsub_emulator import publish
+
+        assert self._pubsub is not None, "the Pub/Sub emulator is not running"
+        return publish(self._pubsub.host, PROJECT, SWEEP_TOPIC, b'{"source": "scheduler"}', **attributes)
+
     @property
     def schedule_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.schedule}/"
@@ -184,6 +236,7 @@ class LocalStack:
                 "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
                 "TWILIO_PHONE_NUMBER": FROM_NUMBER,
                 "TWILIO_API_BASE_URL": self.sink_url,
+                "SWEEP_TOPIC": SWEEP_TOPIC,
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -217,6 +270,42 @@ class LocalStack:
             return err.code, json.loads(err.read() or b"null")
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _start_sweep_trigger(self) -> None:
+        from shared.dev import pubsub_emulator as ps
+
+        use_pubsub = ps.gcloud_available() if self.use_pubsub is None else self.use_pubsub
+        if use_pubsub:
+            self._pubsub = ps.PubSubEmulator(
+                project=PROJECT, port=self.ports.pubsub, log_path=self.workdir / "pubsub-emulator.log"
+            ).start()
+            ps.ensure_topic(self._pubsub.host, PROJECT, SWEEP_TOPIC)
+            endpoint = ps.push_endpoint_for(self.url_of("sweep_queue").rstrip("/"), PROJECT, SWEEP_TOPIC)
+            ps.ensure_push_subscription(
+                self._pubsub.host, PROJECT, SWEEP_TOPIC, SWEEP_SUBSCRIPTION, endpoint, ack_deadline_seconds=60
+            )
+            self._say(
+                f"pub/sub      emulator at {self._pubsub.host}, topic {SWEEP_TOPIC} pushes to sweep_queue"
+            )
+        else:
+            self._say(
+                f"pub/sub      no Google Cloud CLI: process_queue is called every {self.sweep_interval:.0f} s"
+            )
+        if self.sweep_interval <= 0:
+            return
+
+        def tick() -> None:
+            while not self._stopping.wait(self.sweep_interval):
+                try:
+                    if self._pubsub is not None:
+                        self.publish_sweep()
+                    else:
+                        self.post_json(self.url_of("process_queue"), {})
+                except Exception as exc:  # a missed tick is retried at the next one
+                    log.warning("sweep trigger failed: %s", exc)
+
+        self._scheduler = threading.Thread(target=tick, name="dev-scheduler", daemon=True)
+        self._scheduler.start()
 
     def _start_database(self) -> None:
         if not self.database_url:

@@ -62,7 +62,7 @@ from shared.dev.pubsub_emulator import (
     publish,
     push_endpoint_for,
 )
-from tests.integration.pubsub_fixtures import PUBSUB_TEST_PROJECT, pubsub_emulator
+from tests.integration.pubsub_fixtures import PUBSUB_TEST_PROJECT
 
 __all__ = ["pubsub_emulator"]
 
