@@ -64,8 +64,6 @@ from shared.dev.pubsub_emulator import (
 )
 from tests.integration.pubsub_fixtures import PUBSUB_TEST_PROJECT
 
-__all__ = ["pubsub_emulator"]
-
 pytestmark = [pytest.mark.xdist_group("pubsub")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
