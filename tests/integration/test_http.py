@@ -260,3 +260,36 @@ def test_deliver_over_http(
     assert retry.status_code == 503 and retry.get_json()["action"] == "retry"
     bad = deliver_client.post("/", json={"messageId": "nope"})
     assert bad.status_code == 400 and bad.get_json()["errors"][0]["field"] == "messageId"
+
+
+def test_logs_carry_the_request_trace_and_the_message_fields(
+    schedule_client: FlaskClient, store: PostgresStore
+) -> None:
+    import io
+    import logging
+
+    from shared.log import TRACE_KEY, JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("orchestrator")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        user = make_user(store)
+        resp = schedule_client.post(
+            "/",
+            json=load("valid.json", userId=str(user)),
+            headers={"X-Cloud-Trace-Context": "4bf92f3577b34da6a3ce929d0e0e4736/1;o=1"},
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    [scheduled] = [e for e in entries if e["message"] == "message scheduled"]
+    assert scheduled["severity"] == "INFO"
+    assert scheduled["messageId"] == resp.get_json()["messageId"] and scheduled["userId"] == str(user)
+    assert scheduled["reason"] == "ok"
+    assert scheduled[TRACE_KEY] == "projects/local-project/traces/4bf92f3577b34da6a3ce929d0e0e4736"
