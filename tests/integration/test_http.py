@@ -293,3 +293,34 @@ def test_logs_carry_the_request_trace_and_the_message_fields(
     assert scheduled["messageId"] == resp.get_json()["messageId"] and scheduled["userId"] == str(user)
     assert scheduled["reason"] == "ok"
     assert scheduled[TRACE_KEY] == "projects/local-project/traces/4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_message(
+    store: PostgresStore, tasks: RecordingTaskQueue, database_url: str
+) -> None:
+    import threading
+
+    from shared import service
+    from shared.policy import Limits
+
+    user = make_user(store)
+    body = load("valid.json", userId=str(user)) | {"idempotencyKey": "turn-race"}
+    barrier = threading.Barrier(8)
+    results: list[service.ScheduleResult] = []
+
+    def run() -> None:
+        barrier.wait(timeout=10)
+        results.append(
+            service.schedule(body, store=store, tasks=tasks, config=service.Policy(limits=Limits()), now=T0)
+        )
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(results) == 8
+    assert len({r.message.id for r in results}) == 1
+    assert sorted(r.created for r in results) == [False] * 7 + [True]
+    assert sql(database_url, "select count(*) from message_queue") == [(1,)]
+    assert len(tasks.tasks) == 1
