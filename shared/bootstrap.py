@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.config import Settings
 from shared.errors import OrchestratorError
-from shared.ports import SmsSender, Store, TaskQueue
+from shared.ports import EventPublisher, SmsSender, Store, TaskQueue
 from shared.service import Policy
 
 
@@ -40,6 +40,7 @@ class Container:
         store: Store | None = None,
         tasks: TaskQueue | None = None,
         sms: SmsSender | None = None,
+        events: EventPublisher | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.settings = settings
@@ -47,6 +48,8 @@ class Container:
         self._store = store
         self._tasks = tasks
         self._sms = sms
+        self._events = events
+        self._events_built = events is not None
         self._lock = threading.Lock()
 
     @property
@@ -81,6 +84,16 @@ class Container:
         return self._tasks
 
     @property
+    def events(self) -> EventPublisher | None:
+        """None when no topic is configured: events then wait in the outbox."""
+        if not self._events_built:
+            with self._lock:
+                if not self._events_built:
+                    self._events = build_events(self.settings)
+                    self._events_built = True
+        return self._events
+
+    @property
     def sms(self) -> SmsSender:
         if self._sms is None:
             with self._lock:
@@ -112,6 +125,15 @@ def build_tasks(settings: Settings) -> TaskQueue:
         deliver_url=settings.deliver_url,
         service_account=settings.tasks_service_account,
     )
+
+
+def build_events(settings: Settings) -> EventPublisher | None:
+    topics = {k: v for k, v in (("events", settings.events_topic), ("inbound", settings.inbound_topic)) if v}
+    if not topics:
+        return None
+    from shared.events import build_publisher
+
+    return build_publisher(settings.google_cloud_project, topics)
 
 
 def build_sms(settings: Settings) -> SmsSender:

@@ -60,6 +60,11 @@ class Settings:
     twilio_api_base_url: str | None = None
     twilio_timeout_seconds: int = 10
     status_callback_url: str | None = None
+    twilio_webhook_base_url: str | None = None
+    twilio_signature_bypass_local: bool = False
+    # Pub/Sub
+    events_topic: str | None = None
+    inbound_topic: str | None = None
     # policy defaults
     limits: Limits = field(default_factory=Limits)
     max_attempts: int = 5
@@ -102,6 +107,10 @@ class Settings:
             twilio_api_base_url=_str(e, "TWILIO_API_BASE_URL"),
             twilio_timeout_seconds=_int(e, "TWILIO_TIMEOUT_SECONDS", 10, minimum=1),
             status_callback_url=_str(e, "STATUS_CALLBACK_URL"),
+            twilio_webhook_base_url=_str(e, "TWILIO_WEBHOOK_BASE_URL"),
+            twilio_signature_bypass_local=(_str(e, "TWILIO_SIGNATURE_BYPASS") or "") == "local-only",
+            events_topic=_str(e, "EVENTS_TOPIC"),
+            inbound_topic=_str(e, "INBOUND_TOPIC"),
             limits=limits,
             max_attempts=_int(e, "MAX_ATTEMPTS", 5, minimum=1),
             lease_seconds=_int(e, "CLAIM_LEASE_SECONDS", 120, minimum=10),

@@ -39,6 +39,13 @@ class ValidationError(OrchestratorError):
         self.errors = errors
 
 
+class Forbidden(OrchestratorError):
+    """The request's signature is missing or invalid."""
+
+    http_status = 403
+    code = "forbidden"
+
+
 class NotFound(OrchestratorError):
     """No such resource."""
 
@@ -57,6 +64,12 @@ class OptedOut(Conflict):
     """The user has opted out of messages (replied STOP); nothing will be sent."""
 
     code = "opted_out"
+
+
+class Undeliverable(Conflict):
+    """Twilio reported the user's number cannot receive SMS; nothing will be sent."""
+
+    code = "undeliverable"
 
 
 class IdempotencyConflict(Conflict):

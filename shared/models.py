@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -353,7 +354,105 @@ class SweepReport:
     overdue_requeued: int = 0
     horizon_tasked: int = 0
     task_errors: int = 0
+    events_published: int = 0
+    events_failed: int = 0
     batches: int = 0
 
     def counts(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
+START_WORDS = frozenset({"START", "UNSTOP", "YES"})
+HELP_WORDS = frozenset({"HELP"})
+
+
+def keyword(body: str | None) -> str | None:
+    """Twilio's opt-out keywords: the whole message, any case, surrounding spaces ignored."""
+    word = (body or "").strip().upper()
+    if word in STOP_WORDS:
+        return "stop"
+    if word in START_WORDS:
+        return "start"
+    if word in HELP_WORDS:
+        return "help"
+    return None
+
+
+@dataclass(frozen=True)
+class InboundSms:
+    """Twilio's inbound-message webhook form, validated."""
+
+    from_number: str
+    body: str
+    sid: str
+    num_media: int
+
+    @classmethod
+    def parse(cls, form: dict[str, str]) -> InboundSms:
+        errors: list[dict[str, str]] = []
+        sender = (form.get("From") or "").strip()
+        if not E164.match(sender):
+            errors.append({"field": "From", "reason": "must be an E.164 phone number"})
+        sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
+        if not sid:
+            errors.append({"field": "MessageSid", "reason": "is required"})
+        raw_media = form.get("NumMedia") or "0"
+        num_media = int(raw_media) if raw_media.isdigit() else -1
+        if num_media < 0:
+            errors.append({"field": "NumMedia", "reason": "must be a non-negative integer"})
+        if errors:
+            raise ValidationError(errors)
+        return cls(from_number=sender, body=form.get("Body") or "", sid=sid, num_media=num_media)
+
+
+@dataclass(frozen=True)
+class StatusCallback:
+    """Twilio's message status callback form, validated."""
+
+    sid: str
+    status: str
+    error_code: str | None
+
+    STATUSES = frozenset(
+        {
+            "accepted",
+            "scheduled",
+            "queued",
+            "sending",
+            "sent",
+            "delivered",
+            "undelivered",
+            "failed",
+            "read",
+            "canceled",
+        }
+    )
+
+    @classmethod
+    def parse(cls, form: dict[str, str]) -> StatusCallback:
+        errors: list[dict[str, str]] = []
+        sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
+        if not sid:
+            errors.append({"field": "MessageSid", "reason": "is required"})
+        status = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
+        if status not in cls.STATUSES:
+            errors.append(
+                {"field": "MessageStatus", "reason": f"must be one of {', '.join(sorted(cls.STATUSES))}"}
+            )
+        code = (form.get("ErrorCode") or "").strip() or None
+        if errors:
+            raise ValidationError(errors)
+        return cls(sid=sid, status=status, error_code=code)
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An event from the outbox, leased for publishing."""
+
+    id: int
+    topic: str  # logical: "events" or "inbound"
+    event_type: str
+    payload: dict[str, Any]
+    attributes: dict[str, str]

@@ -37,6 +37,7 @@ RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
 OK = "ok"
 OPTED_OUT = "opted_out"
+UNDELIVERABLE = "undeliverable"
 COOLDOWN = "cooldown"
 HOURLY_LIMIT = "hourly_limit"
 DAILY_LIMIT = "daily_limit"
@@ -48,6 +49,7 @@ NO_SLOT = "no_slot"
 REASONS: dict[str, str] = {
     OK: "allowed now",
     OPTED_OUT: "the user opted out of messages",
+    UNDELIVERABLE: "the user's number cannot receive SMS (Twilio reported it)",
     COOLDOWN: "another message to this user is within the cooldown",
     HOURLY_LIMIT: "the user's hourly limit is reached",
     DAILY_LIMIT: "the user's daily limit for their local day is reached",
@@ -131,6 +133,7 @@ class UserSettings:
     daily_limit: int | None = None
     hourly_limit: int | None = None
     opted_out: bool = False
+    undeliverable: bool = False
 
     def limits(self, defaults: Limits) -> Limits:
         return replace(
@@ -354,6 +357,8 @@ def plan(
         raise ValueError("now must be timezone-aware")
     if user.opted_out:
         return Decision(None, OPTED_OUT, now)
+    if user.undeliverable:
+        return Decision(None, UNDELIVERABLE, now)
     planner = _Planner(user, defaults, history, priority, can_delay)
     t = now.astimezone(UTC)
     reasons: list[str] = []

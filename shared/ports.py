@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.models import (
     Claim,
     DeliveryContext,
     EnqueueResult,
     NewMessage,
+    PendingEvent,
     QueueHealth,
     SentRecord,
     StaleClaim,
@@ -135,6 +136,30 @@ class Store(Protocol):
     ) -> None: ...
 
     def health(self, now: datetime) -> QueueHealth: ...
+
+    def inbound(
+        self, from_number: str, body: str, sid: str, *, keyword: str | None, num_media: int, now: datetime
+    ) -> dict[str, Any]:
+        """Record an inbound SMS (deduplicated by sid), with STOP/START; emits inbound_message."""
+        ...
+
+    def status_callback(self, sid: str, status: str, error_code: str | None, now: datetime) -> dict[str, Any]:
+        """Move an outbound message's status forward (never back); emits delivered/failed events."""
+        ...
+
+    def events_pending(self, limit: int, *, lease_seconds: int, now: datetime) -> list[PendingEvent]: ...
+
+    def events_published(self, ids: list[int], now: datetime) -> int: ...
+
+    def events_failed(self, ids: list[int], error: str, now: datetime) -> int: ...
+
+
+class EventPublisher(Protocol):
+    """Pub/Sub: events for agents. `topic` is logical ("events" or "inbound")."""
+
+    def publish(self, topic: str, data: bytes, attributes: dict[str, str]) -> str:
+        """Publish one message; returns its id. Raises shared.errors.Unavailable on failure."""
+        ...
 
 
 class TaskQueue(Protocol):

@@ -3,6 +3,7 @@ nothing here knows about HTTP, psycopg, gRPC or Twilio's client."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time as _time
 import uuid
@@ -21,6 +22,7 @@ from shared.errors import (
     StoreUnavailable,
     TransientSendError,
     Unavailable,
+    Undeliverable,
     ValidationError,
 )
 from shared.log import event
@@ -29,18 +31,21 @@ from shared.models import (
     QUEUED,
     SENDING,
     DeliveryContext,
+    InboundSms,
     NewMessage,
     Outcome,
     ScheduleRequest,
     StaleClaim,
+    StatusCallback,
     StoredMessage,
     SweepReport,
     TaskRef,
     UserContext,
     iso,
+    keyword,
     parse_uuid,
 )
-from shared.ports import SmsSender, Store, TaskQueue
+from shared.ports import EventPublisher, SmsSender, Store, TaskQueue
 
 log = logging.getLogger("orchestrator")
 
@@ -121,6 +126,8 @@ def schedule(
     decision = policy.plan(ctx.settings, config.limits, ctx.history, now, request.priority, request.can_delay)
     if decision.reason == policy.OPTED_OUT:
         raise OptedOut(userId=str(request.user_id))
+    if decision.reason == policy.UNDELIVERABLE:
+        raise Undeliverable(userId=str(request.user_id))
     if decision.at is None:
         raise NotDeliverable("no allowed delivery time within the planning horizon", reason=decision.reason)
     if request.expires_at is not None and decision.at >= request.expires_at:
@@ -266,9 +273,9 @@ def deliver(
     decision = policy.check_now(
         ctx.user.settings, config.limits, ctx.user.history, now, m.priority, m.can_delay
     )
-    if decision.reason == policy.OPTED_OUT:
-        store.fail(m.id, error="the user opted out", reason="opted_out", now=now)
-        return _outcome(logging.INFO, m.id, "failed", "opted_out", "failed", **fields)
+    if decision.reason in (policy.OPTED_OUT, policy.UNDELIVERABLE):
+        store.fail(m.id, error=policy.REASONS[decision.reason], reason=decision.reason, now=now)
+        return _outcome(logging.INFO, m.id, "failed", decision.reason, "failed", **fields)
     if not decision.allowed_now:
         return _replan(store, tasks, ctx, config, now, decision.reason, fields, refresh=False)
 
@@ -409,9 +416,9 @@ def _replan(
     m = ctx.message
     user = (store.user_context(m.user_id, now, exclude=m.id) or ctx.user) if refresh else ctx.user
     decision = policy.check_now(user.settings, config.limits, user.history, now, m.priority, m.can_delay)
-    if decision.reason == policy.OPTED_OUT:
-        store.fail(m.id, error="the user opted out", reason="opted_out", now=now)
-        return _outcome(logging.INFO, m.id, "failed", "opted_out", "failed", **fields)
+    if decision.reason in (policy.OPTED_OUT, policy.UNDELIVERABLE):
+        store.fail(m.id, error=policy.REASONS[decision.reason], reason=decision.reason, now=now)
+        return _outcome(logging.INFO, m.id, "failed", decision.reason, "failed", **fields)
     at = decision.at or now + timedelta(hours=1)
     # Never re-plan for now, which would spin; a message in flight holds the user for a cooldown.
     floor = now + (config.limits.cooldown if reason == policy.IN_FLIGHT else timedelta(seconds=1))
@@ -550,6 +557,7 @@ def sweep(
     config: Policy,
     clock: Clock,
     trigger: str,
+    events: EventPublisher | None = None,
 ) -> SweepReport:
     """One pass over what Cloud Tasks may have missed; recorded in sweep_runs. Safe to run twice at
     once: every batch is claimed with SKIP LOCKED."""
@@ -598,6 +606,12 @@ def sweep(
                 if not _task(tasks, ref, ref.scheduled_for, now):
                     report.task_errors += 1
             if not more(len(refs)):
+                break
+        while True:
+            published, failed = drain_events(store=store, publisher=events, clock=clock, limit=limit)
+            report.events_published += published
+            report.events_failed += failed
+            if failed or not more(published):
                 break
     except StoreUnavailable as exc:
         error = exc.message
@@ -652,3 +666,86 @@ def health(*, store: Store, config: Policy, now: datetime) -> tuple[int, dict[st
         reason = "no_sweep_yet" if h.last_sweep_at is None else "sweep_stale"
         return 503, body | {"status": "unhealthy", "reason": reason}
     return 200, body
+
+
+# -- conversations: Twilio's webhooks and events for agents ---------------------------------------
+
+
+def inbound(form: dict[str, str], *, store: Store, now: datetime) -> dict[str, Any]:
+    """An SMS from a user: recorded once per MessageSid; STOP/START change the opt-out (STOP also
+    cancels what is queued for them); the inbound_message event goes to the outbox."""
+    sms = InboundSms.parse(form)
+    word = keyword(sms.body)
+    result = store.inbound(sms.from_number, sms.body, sms.sid, keyword=word, num_media=sms.num_media, now=now)
+    event(
+        log,
+        logging.INFO,
+        "inbound: duplicate webhook ignored"
+        if result.get("duplicate")
+        else f"inbound: recorded ({word or 'message'})",
+        userId=result.get("userId"),
+        twilioMessageSid=sms.sid,
+        reason=word,
+        cancelled=result.get("cancelled"),
+        optedOut=result.get("optedOut"),
+    )
+    return result
+
+
+def status_callback(form: dict[str, str], *, store: Store, now: datetime) -> dict[str, Any]:
+    """Twilio's delivery receipt: the outbound message's status moves forward, never back."""
+    cb = StatusCallback.parse(form)
+    result = store.status_callback(cb.sid, cb.status, cb.error_code, now)
+    if not result.get("known"):
+        event(
+            log,
+            logging.WARNING,
+            "status callback for an unknown sid",
+            twilioMessageSid=cb.sid,
+            reason=cb.status,
+        )
+    else:
+        event(
+            log,
+            logging.INFO,
+            f"status callback: {cb.status}" + ("" if result.get("changed") else " (no change)"),
+            twilioMessageSid=cb.sid,
+            reason=cb.status,
+            errorCode=cb.error_code,
+            cancelled=result.get("cancelled"),
+        )
+    return result
+
+
+def drain_events(
+    *, store: Store, publisher: EventPublisher | None, clock: Clock, limit: int = 100, lease_seconds: int = 30
+) -> tuple[int, int]:
+    """Publish what waits in the outbox; (published, failed). A failure leaves the event for the next
+    drain (the sweep drains every minute), so Pub/Sub trouble never loses or blocks anything."""
+    if publisher is None:
+        return 0, 0
+    pending = store.events_pending(limit, lease_seconds=lease_seconds, now=clock())
+    done: list[int] = []
+    failed: list[int] = []
+    error = ""
+    for e in pending:
+        data = json.dumps({"eventType": e.event_type, **e.payload}, default=str).encode()
+        try:
+            publisher.publish(e.topic, data, e.attributes)
+        except Unavailable as exc:
+            failed.append(e.id)
+            error = exc.message
+            continue
+        done.append(e.id)
+    if done:
+        store.events_published(done, clock())
+    if failed:
+        store.events_failed(failed, error, clock())
+        event(
+            log,
+            logging.WARNING,
+            "events: publish failed; kept for the next drain",
+            failed=len(failed),
+            error=error,
+        )
+    return len(done), len(failed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ import flask
 
 from shared import service
 from shared.bootstrap import Container
-from shared.errors import OrchestratorError, ValidationError
+from shared.errors import Forbidden, OrchestratorError, ValidationError
 from shared.log import event, set_trace
 from shared.models import iso
 
@@ -152,7 +153,13 @@ def process_queue(request: flask.Request, c: Container) -> Response:
                 {"Allow": "POST"},
             )
         report = service.sweep(
-            store=c.store, tasks=c.tasks, sms=c.sms, config=c.policy, clock=c.clock, trigger="http"
+            store=c.store,
+            tasks=c.tasks,
+            sms=c.sms,
+            config=c.policy,
+            clock=c.clock,
+            trigger="http",
+            events=c.events,
         )
         return respond(
             200,
@@ -188,4 +195,91 @@ def sweep_event(event_id: str | None, c: Container) -> None:
         config=c.policy,
         clock=c.clock,
         trigger=f"pubsub:{event_id or '-'}",
+        events=c.events,
     )
+
+
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+_LOOPBACK = ("127.0.0.1", "::1")
+
+
+def public_urls(request: flask.Request, configured: str | None) -> list[str]:
+    """The URLs Twilio may have signed for this request.
+
+    Behind Google's front end the function sees http, an internal host and (for gen2 functions on
+    cloudfunctions.net) a path without the function's name; Twilio signed the public https URL.
+    TWILIO_WEBHOOK_BASE_URL, when set, is that URL exactly; otherwise it is rebuilt from the
+    X-Forwarded-* headers the front end adds, with and without the function name (K_SERVICE).
+    """
+    query = request.query_string.decode()
+    suffix = request.path + (f"?{query}" if query else "")
+    if configured:
+        base = configured.rstrip("/")
+        return [base + (suffix if suffix != "/" else ""), base + suffix]
+    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+    urls = [f"{proto}://{host}{suffix}"]
+    service_name = os.environ.get("K_SERVICE")
+    if service_name:
+        urls.append(f"{proto}://{host}/{service_name}{suffix if suffix != '/' else ''}")
+    return urls
+
+
+def _check_twilio_signature(request: flask.Request, c: Container) -> None:
+    settings = c.settings
+    if settings.twilio_signature_bypass_local and request.remote_addr in _LOOPBACK:
+        return  # TWILIO_SIGNATURE_BYPASS=local-only: loopback requests only, for make dev
+    signature = request.headers.get("X-Twilio-Signature")
+    token = settings.twilio_auth_token
+    if not signature or not token:
+        raise Forbidden("missing X-Twilio-Signature" if token else "TWILIO_AUTH_TOKEN is not set")
+    from twilio.request_validator import RequestValidator
+
+    validator = RequestValidator(token)
+    params = request.form.to_dict(flat=True)
+    if not any(
+        validator.validate(url, params, signature)
+        for url in public_urls(request, settings.twilio_webhook_base_url)
+    ):
+        raise Forbidden("invalid X-Twilio-Signature")
+
+
+def _twiml(status: int = 200) -> Response:
+    return EMPTY_TWIML, status, {"Content-Type": "text/xml"}
+
+
+def twilio_inbound(request: flask.Request, c: Container) -> Response:
+    def run() -> Response:
+        if request.method != "POST":
+            return respond(
+                405,
+                {"success": False, "error": "method_not_allowed", "message": "use POST"},
+                {"Allow": "POST"},
+            )
+        _check_twilio_signature(request, c)
+        service.inbound(request.form.to_dict(flat=True), store=c.store, now=c.clock())
+        # Agents hear of the reply at once; if Pub/Sub is down the sweep publishes it later.
+        try:
+            service.drain_events(store=c.store, publisher=c.events, clock=c.clock, limit=20)
+        except OrchestratorError as exc:
+            event(
+                log, logging.WARNING, "twilio_inbound: event drain deferred to the sweep", error=exc.message
+            )
+        return _twiml()
+
+    return handle(request, c, "twilio_inbound", run)
+
+
+def twilio_status(request: flask.Request, c: Container) -> Response:
+    def run() -> Response:
+        if request.method != "POST":
+            return respond(
+                405,
+                {"success": False, "error": "method_not_allowed", "message": "use POST"},
+                {"Allow": "POST"},
+            )
+        _check_twilio_signature(request, c)
+        service.status_callback(request.form.to_dict(flat=True), store=c.store, now=c.clock())
+        return _twiml()
+
+    return handle(request, c, "twilio_status", run)

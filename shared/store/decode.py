@@ -11,6 +11,7 @@ from shared.models import (
     Claim,
     DeliveryContext,
     EnqueueResult,
+    PendingEvent,
     QueueHealth,
     StaleClaim,
     StoredMessage,
@@ -81,6 +82,7 @@ def user_settings(row: dict[str, Any]) -> UserSettings:
         daily_limit=row.get("daily_limit"),
         hourly_limit=row.get("hourly_limit"),
         opted_out=row.get("opted_out_at") is not None,
+        undeliverable=row.get("undeliverable_at") is not None,
     )
 
 
@@ -172,3 +174,16 @@ def health(doc: dict[str, Any]) -> QueueHealth:
         last_sweep_counts=dict(last.get("counts") or {}),
         oldest_overdue_at=instant(doc.get("oldest_overdue_at")),
     )
+
+
+def pending_events(doc: Any) -> list[PendingEvent]:
+    return [
+        PendingEvent(
+            id=int(d["id"]),
+            topic=str(d["topic"]),
+            event_type=str(d["event_type"]),
+            payload=dict(d.get("payload") or {}),
+            attributes={str(k): str(v) for k, v in (d.get("attributes") or {}).items()},
+        )
+        for d in doc or []
+    ]

@@ -23,6 +23,7 @@ from shared.models import (
     DeliveryContext,
     EnqueueResult,
     NewMessage,
+    PendingEvent,
     QueueHealth,
     StaleClaim,
     StoredMessage,
@@ -197,6 +198,23 @@ class PostgresStore:
 
     def health(self, now: datetime) -> QueueHealth:
         return decode.health(self.call("mq_health", [now]))
+
+    def inbound(
+        self, from_number: str, body: str, sid: str, *, keyword: str | None, num_media: int, now: datetime
+    ) -> dict[str, Any]:
+        return dict(self.call("mq_inbound", [from_number, body, sid, keyword, num_media, now]))
+
+    def status_callback(self, sid: str, status: str, error_code: str | None, now: datetime) -> dict[str, Any]:
+        return dict(self.call("mq_status_callback", [sid, status, error_code, now]))
+
+    def events_pending(self, limit: int, *, lease_seconds: int, now: datetime) -> list[PendingEvent]:
+        return decode.pending_events(self.call("mq_events_pending", [limit, lease_seconds, now]))
+
+    def events_published(self, ids: list[int], now: datetime) -> int:
+        return int(self.call("mq_events_published", [ids, now]) or 0)
+
+    def events_failed(self, ids: list[int], error: str, now: datetime) -> int:
+        return int(self.call("mq_events_failed", [ids, error, now]) or 0)
 
     # Not part of the use cases' port: demo, tests and operators.
     def upsert_user(self, phone_number: str, timezone: str, **settings: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from shared.models import (
     DeliveryContext,
     EnqueueResult,
     NewMessage,
+    PendingEvent,
     QueueHealth,
     StaleClaim,
     StoredMessage,
@@ -352,6 +353,43 @@ class SupabaseStore:
 
     def health(self, now: datetime) -> QueueHealth:
         return decode.health(self._rpc("mq_health", {"p_now": _instant(now)}))
+
+    def inbound(
+        self, from_number: str, body: str, sid: str, *, keyword: str | None, num_media: int, now: datetime
+    ) -> dict[str, Any]:
+        doc = self._rpc(
+            "mq_inbound",
+            {
+                "p_from": from_number,
+                "p_body": body,
+                "p_sid": sid,
+                "p_keyword": keyword,
+                "p_num_media": num_media,
+                "p_now": _instant(now),
+            },
+        )
+        return dict(doc)
+
+    def status_callback(self, sid: str, status: str, error_code: str | None, now: datetime) -> dict[str, Any]:
+        doc = self._rpc(
+            "mq_status_callback",
+            {"p_sid": sid, "p_status": status, "p_error_code": error_code, "p_now": _instant(now)},
+        )
+        return dict(doc)
+
+    def events_pending(self, limit: int, *, lease_seconds: int, now: datetime) -> list[PendingEvent]:
+        doc = self._rpc(
+            "mq_events_pending", {"p_limit": limit, "p_lease_seconds": lease_seconds, "p_now": _instant(now)}
+        )
+        return decode.pending_events(doc)
+
+    def events_published(self, ids: list[int], now: datetime) -> int:
+        return int(self._rpc("mq_events_published", {"p_ids": ids, "p_now": _instant(now)}) or 0)
+
+    def events_failed(self, ids: list[int], error: str, now: datetime) -> int:
+        return int(
+            self._rpc("mq_events_failed", {"p_ids": ids, "p_error": error, "p_now": _instant(now)}) or 0
+        )
 
     def upsert_user(self, phone_number: str, timezone: str, **settings: Any) -> dict[str, Any]:
         params: dict[str, Any] = {"p_phone_number": phone_number, "p_timezone": timezone}

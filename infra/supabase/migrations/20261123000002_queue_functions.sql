@@ -160,7 +160,8 @@ begin
     -- Lock order everywhere: the user row, then the message rows. NO KEY UPDATE, not UPDATE: it
     -- still serialises claims per user, but does not block the KEY SHARE locks that foreign-key
     -- checks take (mq_record_sent holds the message row and inserts rows referencing the user).
-    select opted_out_at into v_opted_out from users where id = v_user_id for no key update;
+    select coalesce(opted_out_at, undeliverable_at) into v_opted_out from users where id = v_user_id
+    for no key update;
     select * into v_row from message_queue where id = p_message_id for update;
     if v_row.status <> 'queued' then
         return jsonb_build_object('claimed', false, 'reason', 'not_queued', 'status', v_row.status);
@@ -169,6 +170,7 @@ begin
         return jsonb_build_object('claimed', false, 'reason', 'stale_task', 'status', v_row.status);
     end if;
     if v_opted_out is not null then
+        -- Opted out (STOP) or undeliverable (Twilio 30005/30006/21610/21614): never send.
         return jsonb_build_object('claimed', false, 'reason', 'opted_out', 'status', v_row.status);
     end if;
     if v_row.expires_at is not null and v_row.expires_at <= p_now then
@@ -287,6 +289,11 @@ begin
         updated_at = p_now
     where id = p_message_id;
     perform increment_message_budget(v_row.user_id, p_local_date, p_now);
+    -- Events for agents (events_outbox is created by a later migration; plpgsql resolves at run time).
+    perform mq_emit('events', 'message.sent',
+        jsonb_build_object('messageId', p_message_id, 'userId', v_row.user_id, 'agentId', v_row.agent_id,
+                           'twilioMessageSid', p_sid, 'sentAt', p_now),
+        jsonb_build_object('userId', v_row.user_id::text, 'agentId', v_row.agent_id), p_now);
     perform mq_log_action(case when p_reconciled then 'reconciled' else 'sent' end, v_row.user_id, p_message_id,
         null, jsonb_build_object('outcome', 'sent', 'twilioMessageSid', p_sid, 'attempts', v_row.attempts,
                                  'tokenMatched', v_row.claim_token is not distinct from p_token), null, p_now);
@@ -342,6 +349,10 @@ begin
     if not found then
         return to_jsonb(false);
     end if;
+    perform mq_emit('events', 'message.failed',
+        jsonb_build_object('messageId', p_message_id, 'userId', v_user_id, 'reason', p_reason, 'error', p_error,
+                           'at', p_now),
+        jsonb_build_object('userId', v_user_id::text), p_now);
     perform mq_log_action('failed', v_user_id, p_message_id, null, jsonb_build_object('reason', p_reason),
         p_error, p_now);
     return to_jsonb(true);
