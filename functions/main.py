@@ -38,3 +38,15 @@ def process_queue(request: flask.Request) -> web.Response:
 def health(request: flask.Request) -> web.Response:
     """GET: queue stats; 503 with a reason if the database is down or the sweep is stale."""
     return web.health(request, bootstrap.container())
+
+
+@functions_framework.http
+def twilio_inbound(request: flask.Request) -> web.Response:
+    """POST (Twilio, signed): an SMS from a user; STOP/START/HELP; answers empty TwiML."""
+    return web.twilio_inbound(request, bootstrap.container())
+
+
+@functions_framework.http
+def twilio_status(request: flask.Request) -> web.Response:
+    """POST (Twilio, signed): a delivery receipt for an outbound message."""
+    return web.twilio_status(request, bootstrap.container())
