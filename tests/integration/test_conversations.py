@@ -301,7 +301,7 @@ def test_events_reach_pubsub_and_survive_an_outage(
 ) -> None:
     from google.cloud import pubsub_v1
 
-    from shared.dev.pubsub_emulator import ensure_topic, subscription_path, subscriber_client
+    from shared.dev.pubsub_emulator import ensure_topic, subscriber_client, subscription_path
 
     project = pubsub_emulator.project
     suffix = uuid.uuid4().hex[:8]
