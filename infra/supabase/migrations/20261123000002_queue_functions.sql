@@ -324,6 +324,12 @@ begin
     if not found then
         return (select to_jsonb(status) from message_queue where id = p_message_id);
     end if;
+    if v_status = 'failed' then
+        perform mq_emit('events', 'message.failed',
+            jsonb_build_object('messageId', p_message_id, 'userId', v_user_id, 'reason', 'attempts_exhausted',
+                               'error', p_error, 'at', p_now),
+            jsonb_build_object('userId', v_user_id::text), p_now);
+    end if;
     perform mq_log_action(case when v_status = 'failed' then 'failed' else 'retry' end, v_user_id, p_message_id,
         null, jsonb_build_object('status', v_status), p_error, p_now);
     return to_jsonb(v_status);
