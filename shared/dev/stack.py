@@ -44,12 +44,16 @@ FROM_NUMBER = "+15005550006"
 SWEEP_TOPIC = "orchestrator-sweep"
 SWEEP_SUBSCRIPTION = "orchestrator-sweep-push"
 # entry point -> functions-framework signature type
+EVENTS_TOPIC = "orchestrator-events"
+INBOUND_TOPIC = "orchestrator-inbound"
 FUNCTIONS = {
     "schedule_message": "http",
     "deliver_message": "http",
     "sweep_queue": "cloudevent",
     "process_queue": "http",
     "health": "http",
+    "twilio_inbound": "http",
+    "twilio_status": "http",
 }
 
 log = logging.getLogger("dev")
@@ -65,6 +69,8 @@ class Ports:
     sink: int = 8089
     tasks: int = 8123
     pubsub: int = 8086
+    inbound: int = 8087
+    status: int = 8088
 
     @classmethod
     def free(cls) -> Ports:
@@ -77,6 +83,8 @@ class Ports:
             "sweep_queue": self.sweep,
             "process_queue": self.process,
             "health": self.health,
+            "twilio_inbound": self.inbound,
+            "twilio_status": self.status,
         }[function]
 
 
@@ -128,6 +136,7 @@ class LocalStack:
             )
             self._wait_http(f"{self.sink_url}/_sink/health", "sms-sink")
             self._say(f"sms sink     {self.sink_url} (recorded in {self.workdir / 'sms.jsonl'})")
+            self._start_pubsub()
             for name, signature in FUNCTIONS.items():
                 self._spawn(
                     name,
@@ -241,6 +250,20 @@ class LocalStack:
             }
         )
         env.pop("TASKS_SERVICE_ACCOUNT", None)  # the emulator has no OIDC
+        env["STATUS_CALLBACK_URL"] = self.url_of("twilio_status")
+        # Local only: the webhooks accept unsigned requests from loopback (curl experiments).
+        env["TWILIO_SIGNATURE_BYPASS"] = "local-only"
+        if self._pubsub is not None:
+            env.update(
+                {
+                    "PUBSUB_EMULATOR_HOST": self._pubsub.host,
+                    "EVENTS_TOPIC": EVENTS_TOPIC,
+                    "INBOUND_TOPIC": INBOUND_TOPIC,
+                }
+            )
+        else:
+            for name in ("PUBSUB_EMULATOR_HOST", "EVENTS_TOPIC", "INBOUND_TOPIC"):
+                env.pop(name, None)
         env.update(self.extra_env)
         return env
 
@@ -271,15 +294,22 @@ class LocalStack:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _start_sweep_trigger(self) -> None:
+    def _start_pubsub(self) -> None:
         from shared.dev import pubsub_emulator as ps
 
         use_pubsub = ps.gcloud_available() if self.use_pubsub is None else self.use_pubsub
-        if use_pubsub:
-            self._pubsub = ps.PubSubEmulator(
-                project=PROJECT, port=self.ports.pubsub, log_path=self.workdir / "pubsub-emulator.log"
-            ).start()
-            ps.ensure_topic(self._pubsub.host, PROJECT, SWEEP_TOPIC)
+        if not use_pubsub:
+            return
+        self._pubsub = ps.PubSubEmulator(
+            project=PROJECT, port=self.ports.pubsub, log_path=self.workdir / "pubsub-emulator.log"
+        ).start()
+        for topic in (SWEEP_TOPIC, EVENTS_TOPIC, INBOUND_TOPIC):
+            ps.ensure_topic(self._pubsub.host, PROJECT, topic)
+
+    def _start_sweep_trigger(self) -> None:
+        from shared.dev import pubsub_emulator as ps
+
+        if self._pubsub is not None:
             endpoint = ps.push_endpoint_for(self.url_of("sweep_queue").rstrip("/"), PROJECT, SWEEP_TOPIC)
             ps.ensure_push_subscription(
                 self._pubsub.host, PROJECT, SWEEP_TOPIC, SWEEP_SUBSCRIPTION, endpoint, ack_deadline_seconds=60

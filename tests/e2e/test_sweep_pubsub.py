@@ -61,3 +61,38 @@ def test_a_sweep_topic_message_runs_the_sweep_function(stack: LocalStack, databa
     assert sql(database_url, "select status from message_queue") == [("expired",)]
     code, body = stack.get_json(stack.url_of("health"))
     assert code == 200 and body["stats"]["processorRunning"] is True
+
+
+def test_an_inbound_reply_reaches_agents_on_the_inbound_topic(stack: LocalStack, database_url: str) -> None:
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from shared.dev.pubsub_emulator import subscriber_client, subscription_path
+    from shared.dev.stack import INBOUND_TOPIC, PROJECT
+
+    host = stack.pubsub_host
+    assert host is not None
+    sub = subscription_path(PROJECT, "agents-e2e")
+    with subscriber_client(host) as subscriber:
+        subscriber.create_subscription(name=sub, topic=f"projects/{PROJECT}/topics/{INBOUND_TOPIC}")
+    form = urllib.parse.urlencode(
+        {
+            "From": "+15558880001",
+            "To": "+15005550006",
+            "Body": "sounds good",
+            "MessageSid": "SMe2e1",
+            "NumMedia": "0",
+        }
+    ).encode()
+    # Unsigned: the dev stack's webhooks accept loopback requests (TWILIO_SIGNATURE_BYPASS=local-only).
+    with urllib.request.urlopen(
+        urllib.request.Request(stack.url_of("twilio_inbound"), data=form), timeout=10
+    ) as r:
+        assert r.status == 200 and b"<Response></Response>" in r.read()
+    with subscriber_client(host) as subscriber:
+        received = subscriber.pull(subscription=sub, max_messages=5, timeout=10)
+    [msg] = received.received_messages
+    assert dict(msg.message.attributes)["eventType"] == "inbound_message"
+    assert json.loads(msg.message.data)["body"] == "sounds good"
+    assert sql(database_url, "select direction, content from messages") == [("inbound", "sounds good")]
