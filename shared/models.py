@@ -7,7 +7,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from shared.errors import ValidationError
@@ -55,17 +55,49 @@ def parse_instant(value: Any) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        if parsed.tzinfo is None:
+            return None
+        parsed.astimezone(UTC)  # 9999-12-31T23:59:59-01:00 is past the last representable instant
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo is not None else None
+    return parsed
+
+
+def text_problem(value: Any) -> str | None:
+    """Why a string (or any string inside a JSON value) cannot be stored, if it cannot: PostgreSQL
+    text and jsonb hold no NUL character, and a lone surrogate is not encodable UTF-8."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not contain NUL characters"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid UTF-8 text (no unpaired surrogates)"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            problem = text_problem(k) or text_problem(v)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for item in value:
+            problem = text_problem(item)
+            if problem:
+                return problem
+    return None
+
+
+def field_name(name: str) -> str:
+    """A field name as an error names it: as sent, JSON-quoted if empty or not plain printable text."""
+    if name and name.isprintable() and text_problem(name) is None:
+        return name
+    return json.dumps(name)
 
 
 def iso(value: datetime | None) -> str | None:
     """RFC 3339 in UTC with millisecond precision, as agents and the seed's API expect."""
     if value is None:
         return None
-    from datetime import UTC
-
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -116,7 +148,11 @@ class ScheduleRequest:
         if not isinstance(body, dict):
             raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
         for name in sorted(set(body) - SCHEDULE_FIELDS):
-            bad(name, "unknown field")
+            bad(field_name(name), "unknown field")
+        for name in sorted(SCHEDULE_FIELDS & set(body)):
+            problem = text_problem(body[name])
+            if problem:
+                bad(name, problem)
 
         user_id = parse_uuid(body.get("userId"))
         if "userId" not in body:

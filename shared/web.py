@@ -30,7 +30,8 @@ def respond(status: int, body: dict[str, Any], headers: dict[str, str] | None = 
     h = {"Content-Type": "application/json"}
     if headers:
         h.update(headers)
-    return json.dumps(body, ensure_ascii=False), status, h
+    # ASCII escapes: an echoed field name may hold text that is not encodable UTF-8.
+    return json.dumps(body, ensure_ascii=True), status, h
 
 
 def _json_body(request: flask.Request) -> Any:
@@ -123,6 +124,7 @@ def deliver_message(request: flask.Request, c: Container) -> Response:
                 {"Allow": "POST"},
             )
         body = _json_body(request)
+        service.parse_task(body)  # a malformed task is a 400 before any adapter is built
         outcome = service.deliver(
             body, store=c.store, tasks=c.tasks, sms=c.sms, config=c.policy, clock=c.clock
         )
