@@ -34,6 +34,11 @@ def respond(status: int, body: dict[str, Any], headers: dict[str, str] | None = 
     return json.dumps(body, ensure_ascii=True), status, h
 
 
+def method_not_allowed(allow: str, message: str | None = None) -> Response:
+    body = {"success": False, "error": "method_not_allowed", "message": message or f"use {allow}"}
+    return respond(405, body, {"Allow": allow})
+
+
 def _json_body(request: flask.Request) -> Any:
     if request.mimetype != "application/json":
         raise ValidationError(
@@ -92,15 +97,7 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
             message = service.get_message(match.group("id"), store=c.store)
             return respond(200, {"success": True, **message.to_public()})
         if request.method != "POST":
-            return respond(
-                405,
-                {
-                    "success": False,
-                    "error": "method_not_allowed",
-                    "message": "use POST, or GET /messages/<id>",
-                },
-                {"Allow": "GET, POST"},
-            )
+            return method_not_allowed("GET, POST", "use POST, or GET /messages/<id>")
         body = _json_body(request)
         result = service.schedule(
             body,
@@ -118,11 +115,7 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
 def deliver_message(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         if request.method != "POST":
-            return respond(
-                405,
-                {"success": False, "error": "method_not_allowed", "message": "use POST"},
-                {"Allow": "POST"},
-            )
+            return method_not_allowed("POST")
         body = _json_body(request)
         service.parse_task(body)  # a malformed task is a 400 before any adapter is built
         outcome = service.deliver(
@@ -149,11 +142,7 @@ def deliver_message(request: flask.Request, c: Container) -> Response:
 def process_queue(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         if request.method != "POST":
-            return respond(
-                405,
-                {"success": False, "error": "method_not_allowed", "message": "use POST"},
-                {"Allow": "POST"},
-            )
+            return method_not_allowed("POST")
         report = service.sweep(
             store=c.store,
             tasks=c.tasks,
@@ -179,9 +168,7 @@ def process_queue(request: flask.Request, c: Container) -> Response:
 def health(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         if request.method not in ("GET", "HEAD"):
-            return respond(
-                405, {"success": False, "error": "method_not_allowed", "message": "use GET"}, {"Allow": "GET"}
-            )
+            return method_not_allowed("GET")
         status, body = service.health(store=c.store, config=c.policy, now=c.clock())
         return respond(status, body)
 
@@ -253,11 +240,7 @@ def _twiml(status: int = 200) -> Response:
 def twilio_inbound(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         if request.method != "POST":
-            return respond(
-                405,
-                {"success": False, "error": "method_not_allowed", "message": "use POST"},
-                {"Allow": "POST"},
-            )
+            return method_not_allowed("POST")
         _check_twilio_signature(request, c)
         service.inbound(request.form.to_dict(flat=True), store=c.store, now=c.clock())
         # Agents hear of the reply at once; if Pub/Sub is down the sweep publishes it later.
@@ -275,11 +258,7 @@ def twilio_inbound(request: flask.Request, c: Container) -> Response:
 def twilio_status(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         if request.method != "POST":
-            return respond(
-                405,
-                {"success": False, "error": "method_not_allowed", "message": "use POST"},
-                {"Allow": "POST"},
-            )
+            return method_not_allowed("POST")
         _check_twilio_signature(request, c)
         service.status_callback(request.form.to_dict(flat=True), store=c.store, now=c.clock())
         return _twiml()
