@@ -47,3 +47,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(EMU_VENV) .dev .pytest_cache .mypy_cache .ruff_cache
+
+# The Cloud Functions source bundle: main.py, the shared package and a pinned requirements.txt.
+.PHONY: bundle
+bundle: $(VENV)/.installed
+	$(BIN)/python infra/bundle.py --output dist/function-source.zip

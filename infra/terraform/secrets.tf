@@ -1,0 +1,44 @@
+# Secret Manager secrets: Supabase, Twilio, Anthropic. The operator creates each secret and its
+# value with gcloud (README, "Deploy"), so no value ever passes through Terraform, its plan or its
+# state; Terraform adopts the secrets (import) and manages their labels and who may read them.
+# Functions get them as secret environment variables (functions.tf), never as plain ones.
+
+import {
+  for_each = local.secrets
+  to       = google_secret_manager_secret.secret[each.key]
+  id       = "projects/${var.project}/secrets/${each.value.secret_id}"
+}
+
+resource "google_secret_manager_secret" "secret" {
+  for_each = local.secrets
+
+  secret_id = each.value.secret_id
+  labels = {
+    purpose = replace(lower(each.key), "_", "-")
+  }
+  annotations = {
+    description = each.value.purpose
+  }
+
+  replication {
+    auto {}
+  }
+
+  lifecycle {
+    # The operator's credentials are never deleted by Terraform: not by `destroy`, not when a
+    # secret leaves local.secrets (database_access or anthropic_enabled changed; then
+    # `terraform state rm` it), not to change the replication it was created with.
+    prevent_destroy = true
+    ignore_changes  = [replication]
+  }
+}
+
+# The runtime reads the secrets the functions use; the migrations secret is read only by the
+# deployer (Cloud Build), which has Secret Manager access of its own.
+resource "google_secret_manager_secret_iam_member" "runtime_reads" {
+  for_each = { for k, v in local.secrets : k => v if v.env != "" }
+
+  secret_id = google_secret_manager_secret.secret[each.key].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = google_service_account.runtime.member
+}
