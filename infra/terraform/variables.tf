@@ -159,7 +159,7 @@ variable "twilio_messaging_service_sid" {
 variable "anthropic_enabled" {
   description = "Give deliver_message ANTHROPIC_API_KEY from the anthropic-api-key secret. false: the template renderer only, and no such secret is needed."
   type        = bool
-  default     = true
+  default     = false  # nothing reads the key until rendering with Claude lands (issue 6)
 }
 
 variable "settings" {
