@@ -184,8 +184,9 @@ class SmsSender(Protocol):
         """
         ...
 
-    def find_sent(self, to: str, body: str, *, since: datetime) -> SentRecord | None:
-        """The provider's record of this message to `to`, accepted at or after `since`, if any.
+    def find_sent(self, to: str, body: str, *, since: datetime) -> list[SentRecord]:
+        """The provider's records of messages with this body to `to`, accepted at or after `since`,
+        newest first (several messages may share a text: the caller picks one no other row owns).
 
         Raises TransientSendError when the provider cannot be asked.
         """

@@ -500,7 +500,7 @@ def reconcile(
     since = m.slot_at or m.updated_at or clock()
     fields: dict[str, Any] = {"userId": str(m.user_id), "agentId": m.agent_id, "reason": "reconcile"}
     try:
-        found = sms.find_sent(claim.phone_number, m.content, since=since)
+        candidates = sms.find_sent(claim.phone_number, m.content, since=since)
     except TransientSendError as exc:
         event(
             log,
@@ -512,12 +512,14 @@ def reconcile(
         )
         return "deferred"
     now = clock()
-    if found is not None:
+    for found in candidates:
         # Twilio's clock, kept within [claim, now]: skew must not move the send out of the window
         # in which it can have happened (nor out of the user's local day it counts on).
         sent_at = min(max(found.sent_at, since), now)
         local_date = sent_at.astimezone(policy.zone(claim.timezone)).date().isoformat()
-        store.record_sent(
+        # A sid another message already owns is that message's send, not this one's (same text to
+        # the same number): record_sent refuses it and the next candidate is tried.
+        if store.record_sent(
             m.id,
             claim.token,
             sid=found.sid,
@@ -525,16 +527,16 @@ def reconcile(
             now=sent_at,
             local_date=local_date,
             reconciled=True,
-        )
-        event(
-            log,
-            logging.WARNING,
-            "reconciled: Twilio had sent it; recorded",
-            messageId=str(m.id),
-            twilioMessageSid=found.sid,
-            **fields,
-        )
-        return "sent"
+        ):
+            event(
+                log,
+                logging.WARNING,
+                "reconciled: Twilio had sent it; recorded",
+                messageId=str(m.id),
+                twilioMessageSid=found.sid,
+                **fields,
+            )
+            return "sent"
     generation = store.requeue_claim(m.id, claim.token, reason="reconciled_not_sent", now=now)
     if generation is not None:
         _wake(tasks, m, generation, now, now)

@@ -133,8 +133,8 @@ class TwilioSender:
         log.info("sms sent", extra={"message_id": str(message_id), "sid": sid})
         return sid
 
-    def find_sent(self, to: str, body: str, *, since: datetime) -> SentRecord | None:
-        """The message with this body that Twilio accepted for `to` at or after `since`, if any.
+    def find_sent(self, to: str, body: str, *, since: datetime) -> list[SentRecord]:
+        """Messages with this body that Twilio accepted for `to` at or after `since`, newest first.
 
         Lists by recipient only (newest first): a DateSent filter would miss messages still queued
         at Twilio, which have no date_sent yet. Raises TransientSendError if Twilio cannot be asked.
@@ -144,6 +144,7 @@ class TwilioSender:
         except (TwilioException, requests.RequestException, ValueError) as exc:
             raise classify(exc) from exc
         floor = since - RECONCILE_CLOCK_SKEW
+        found: list[SentRecord] = []
         for m in candidates:
             created = getattr(m, "date_created", None) or getattr(m, "date_sent", None)
             if getattr(m, "body", None) != body or not isinstance(created, datetime):
@@ -154,8 +155,8 @@ class TwilioSender:
                 continue
             if getattr(m, "status", None) in ("failed", "undelivered", "canceled"):
                 continue
-            return SentRecord(sid=str(m.sid), sent_at=created)
-        return None
+            found.append(SentRecord(sid=str(m.sid), sent_at=created))
+        return found
 
 
 def status_callback_url(base: str, message_id: uuid.UUID) -> str:

@@ -353,3 +353,26 @@ def test_unreadable_success_answer_is_transient_with_unknown_outcome() -> None:
     error = sms.classify(json.JSONDecodeError("Expecting value", "<html>", 0))
     assert isinstance(error, TransientSendError)
     assert error.provider_code in sms.OUTCOME_UNKNOWN_CODES
+
+
+def test_find_sent_lists_every_matching_message_newest_first(
+    twilio_sender: TwilioSender, sms_sink: SmsSink
+) -> None:
+    to = "+15557654321"
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    first = twilio_sender.send(to, "Reminder: today", message_id=uuid.uuid4())
+    twilio_sender.send(to, "something else", message_id=uuid.uuid4())
+    second = twilio_sender.send(to, "Reminder: today", message_id=uuid.uuid4())
+    twilio_sender.send("+15550000000", "Reminder: today", message_id=uuid.uuid4())
+    found = twilio_sender.find_sent(to, "Reminder: today", since=since)
+    assert [r.sid for r in found] == [second, first]
+    assert all(r.sent_at.tzinfo is not None for r in found)
+    # Accepted long before the claim (beyond the clock-skew allowance): not this claim's send.
+    assert twilio_sender.find_sent(to, "Reminder: today", since=datetime.now(UTC) + timedelta(hours=1)) == []
+
+
+def test_find_sent_when_twilio_cannot_be_asked_is_transient() -> None:
+    client = build_twilio_client("AC" + "0" * 32, "token", base_url="http://127.0.0.1:1", timeout_seconds=1)
+    sender = TwilioSender(client, from_number="+15005550006")
+    with pytest.raises(TransientSendError):
+        sender.find_sent("+15557654321", "x", since=datetime.now(UTC))

@@ -176,8 +176,11 @@ begin
     if v_row.expires_at is not null and v_row.expires_at <= p_now then
         return jsonb_build_object('claimed', false, 'reason', 'expired', 'status', v_row.status);
     end if;
+    -- One unresolved send per user: a 'sending' row whose lease ran out may still have reached
+    -- Twilio, and until it is reconciled (the sweep, within a minute or two) nothing else goes out,
+    -- so reconciliation never has to tell two in-doubt messages with the same text apart.
     perform 1 from message_queue
-    where user_id = v_user_id and status = 'sending' and id <> p_message_id and lease_expires_at > p_now;
+    where user_id = v_user_id and status = 'sending' and id <> p_message_id;
     if found then
         return jsonb_build_object('claimed', false, 'reason', 'in_flight', 'status', v_row.status);
     end if;
@@ -256,6 +259,13 @@ begin
     select * into v_row from message_queue where id = p_message_id for update;
     if not found or v_row.status not in ('sending', 'queued') then
         return jsonb_build_object('recorded', false, 'status', v_row.status);
+    end if;
+    -- A sid is one send: if another message owns it, this is not that message's send (reconciling
+    -- matches Twilio's records by recipient and text, which two messages can share).
+    perform 1 from messages
+    where twilio_message_sid = p_sid and message_queue_id is distinct from p_message_id;
+    if found then
+        return jsonb_build_object('recorded', false, 'reason', 'sid_taken', 'status', v_row.status);
     end if;
     v_conversation := v_row.conversation_context_id;
     if v_conversation is null then
