@@ -1,6 +1,5 @@
 # make dev   — the whole system locally (embedded Postgres, Cloud Tasks emulator, SMS sink, functions)
 # make test  — installs what it needs, then lint, types and every test
-# make bench — benchmarks, results in bench/results.md
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +7,7 @@ BIN := $(VENV)/bin
 EMU_VENV := .venv-emulator
 PYTEST_WORKERS ?= 2
 
-.PHONY: dev test install lint typecheck unit integration e2e bench clean
+.PHONY: dev test install lint typecheck unit clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +40,6 @@ unit: $(VENV)/.installed
 
 dev: install
 	CLOUD_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(EMU_VENV)/bin/python $(BIN)/python -m shared.dev.stack
-
-bench: install
-	CLOUD_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(EMU_VENV)/bin/python $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) $(EMU_VENV) .dev .pytest_cache .mypy_cache .ruff_cache
