@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from shared.config import Settings
 from shared.errors import OrchestratorError
@@ -181,6 +180,3 @@ def install(new: Container | None) -> Container | None:
     previous, _container = _container, new
     return previous
 
-
-def describe(c: Container) -> dict[str, Any]:
-    return {"project": c.settings.google_cloud_project, "queue": c.settings.tasks_queue_path}
