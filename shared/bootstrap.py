@@ -179,4 +179,3 @@ def install(new: Container | None) -> Container | None:
     global _container
     previous, _container = _container, new
     return previous
-

@@ -618,6 +618,10 @@ def sweep(
     except StoreUnavailable as exc:
         error = exc.message
         raise
+    except Exception as exc:
+        # Not recorded as a run: health must not take a failed sweep for a working one.
+        error = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         finished = clock()
         level = logging.ERROR if error or report.task_errors else logging.INFO
