@@ -534,6 +534,8 @@ def reconcile(
                 "reconciled: Twilio had sent it; recorded",
                 messageId=str(m.id),
                 twilioMessageSid=found.sid,
+                action="reconciled",
+                outcome="sent",
                 **fields,
             )
             return "sent"
@@ -546,6 +548,8 @@ def reconcile(
         "reconciled: Twilio never got it; queued again",
         messageId=str(m.id),
         generation=generation,
+        action="reconciled",
+        outcome="requeued",
         **fields,
     )
     return "requeued"
