@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 EMU_VENV := .venv-emulator
 PYTEST_WORKERS ?= 2
 
-.PHONY: dev test install lint typecheck unit clean
+.PHONY: dev test install lint typecheck unit clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ test: install lint typecheck
 
 unit: $(VENV)/.installed
 	$(BIN)/python -m pytest tests/unit
+
+bench: install
+	$(BIN)/python -m bench
 
 dev: install
 	CLOUD_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(EMU_VENV)/bin/python $(BIN)/python -m shared.dev.stack

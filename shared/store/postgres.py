@@ -38,13 +38,15 @@ log = logging.getLogger(__name__)
 
 class PostgresStore:
     def __init__(self, conninfo: str, *, max_size: int = 4, timeout: float = 5.0) -> None:
+        # No connection check on checkout: it costs a round trip per call (bench: 6 instead of 3 per
+        # delivery). A connection that died (database or pooler restart) fails its one call with
+        # StoreUnavailable (503: Cloud Tasks and Pub/Sub retry), and the pool discards it.
         self._pool = ConnectionPool(
             conninfo,
             min_size=0,
             max_size=max_size,
             timeout=timeout,
             open=True,
-            check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": max(1, int(timeout))},
             name="message-orchestrator",
         )

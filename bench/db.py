@@ -1,0 +1,261 @@
+"""Against a local embedded PostgreSQL (tests.support.pg): schedule_message through
+functions-framework's app with 1 and 8 clients, deliveries through shared.service.deliver, and the
+database round trips each costs. Twilio and Cloud Tasks are in-process fakes (they leave the machine)."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from functions_framework import create_app
+from psycopg import Connection
+from psycopg_pool import ConnectionPool
+
+from bench.policy import TIMEZONES
+from bench.run import Figure
+from shared import bootstrap, service
+from shared.config import Settings
+from shared.models import SentRecord
+from shared.store.postgres import PostgresStore
+from tests.support.fakes import RecordingTaskQueue, VirtualClock
+from tests.support.pg import PgCluster
+
+MAIN = str(Path(__file__).resolve().parents[1] / "functions" / "main.py")
+USERS = 300
+WARMUP = 50
+SINGLE = 800  # requests with one client
+PER_THREAD = 150  # requests per client with eight clients
+THREADS = 8
+DELIVERIES = 200  # per pool configuration
+T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
+
+
+class CountingStore(PostgresStore):
+    """PostgresStore counting its round trips: one per `call` (every store method is one
+    `select mq_...()`) plus one per pool checkout while a connection check is on (PostgresStore
+    runs none; the bench measures what one would cost)."""
+
+    def __init__(self, conninfo: str, *, max_size: int) -> None:
+        super().__init__(conninfo, max_size=max_size)
+        self.calls = 0
+        self.checks = 0
+        self._count_lock = threading.Lock()
+        self.pool_check(False)
+
+    def pool_check(self, on: bool) -> None:
+        """Turn psycopg_pool's per-checkout `check_connection` on, or off (PostgresStore's setting)."""
+        self._pool._check = self._check if on else None
+
+    def _check(self, conn: Connection[Any]) -> None:
+        with self._count_lock:
+            self.checks += 1
+        ConnectionPool.check_connection(conn)
+
+    def call(self, function: str, args: Any) -> Any:
+        with self._count_lock:
+            self.calls += 1
+        return super().call(function, args)
+
+    def counts(self) -> tuple[int, int]:
+        with self._count_lock:
+            return self.calls, self.checks
+
+
+class FakeSms:
+    """Twilio accepts everything at once."""
+
+    def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
+        return "SM" + message_id.hex
+
+    def find_sent(self, to: str, body: str, *, since: datetime) -> list[SentRecord]:
+        return []
+
+
+def _body(user: uuid.UUID, i: int) -> dict[str, Any]:
+    return {
+        "userId": str(user),
+        "agentId": "bench_agent",
+        "messageData": {"content": f"bench message {i}"},
+        "priority": ("urgent", "high", "medium", "medium", "low")[i % 5],
+        "canDelay": i % 10 != 0,
+    }
+
+
+def _client_run(users: list[uuid.UUID], start: int, n: int, latencies: list[float]) -> None:
+    client = create_app("schedule_message", MAIN).test_client()
+    for i in range(start, start + n):
+        t = time.perf_counter()
+        resp = client.post("/", json=_body(users[i % len(users)], i))
+        latencies.append(time.perf_counter() - t)
+        if resp.status_code != 201:
+            raise RuntimeError(f"schedule_message answered {resp.status_code}: {resp.get_data(as_text=True)}")
+
+
+def _load(users: list[uuid.UUID], threads: int, per_thread: int, offset: int) -> tuple[list[float], float]:
+    results: list[list[float]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads + 1)
+
+    def worker(k: int) -> None:
+        try:
+            barrier.wait()
+            _client_run(users, offset + k * per_thread, per_thread, results[k])
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in pool:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return [x for r in results for x in r], wall
+
+
+def _pct(xs: list[float], q: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] * 1000 if len(xs) > 1 else xs[0] * 1000
+
+
+def _per(store: CountingStore, n: int, fn: Callable[[], None]) -> tuple[float, float]:
+    calls0, checks0 = store.counts()
+    fn()
+    calls1, checks1 = store.counts()
+    return (calls1 - calls0) / n, (checks1 - checks0) / n
+
+
+def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figure]:
+    tasks = RecordingTaskQueue()
+    container = bootstrap.Container(Settings(), store=store, tasks=tasks)
+    previous = bootstrap.install(container)
+    try:
+        _load(users, 1, WARMUP, 0)
+        single: list[float] = []
+        calls, checks = _per(store, SINGLE, lambda: single.extend(_load(users, 1, SINGLE, 10_000)[0]))
+        wall1 = sum(single)
+        multi, wall8 = _load(users, THREADS, PER_THREAD, 20_000)
+        store.pool_check(True)
+        nocheck: list[float] = []
+        calls_nc, checks_nc = _per(store, SINGLE, lambda: nocheck.extend(_load(users, 1, SINGLE, 30_000)[0]))
+        store.pool_check(False)
+    finally:
+        bootstrap.install(previous)
+    pool = f"pool max {store._pool.max_size}"
+    return [
+        Figure("schedule_message p50, 1 client", _pct(single, 50), "ms"),
+        Figure("schedule_message p99, 1 client", _pct(single, 99), "ms", 15, higher_is_better=False),
+        Figure("schedule_message req/s, 1 client", len(single) / wall1, "/s", 300),
+        Figure(f"schedule_message p50, {THREADS} clients", _pct(multi, 50), "ms", note=pool),
+        Figure(
+            f"schedule_message p99, {THREADS} clients",
+            _pct(multi, 99),
+            "ms",
+            15,
+            higher_is_better=False,
+            note=pool,
+        ),
+        Figure(f"schedule_message req/s, {THREADS} clients", len(multi) / wall8, "/s", 300, note=pool),
+        Figure("schedule_message p99, 1 client, with a pool check", _pct(nocheck, 99), "ms", note="not used"),
+        Figure(
+            "schedule_message req/s, 1 client, with a pool check",
+            len(nocheck) / sum(nocheck),
+            "/s",
+            note="not used",
+        ),
+        Figure("store calls per schedule", calls, "", 2, higher_is_better=False),
+        Figure(
+            "DB round trips per schedule",
+            calls + checks,
+            "",
+            2,
+            higher_is_better=False,
+            note="store calls (no pool check, as configured)",
+        ),
+        Figure("DB round trips per schedule, with a pool check", calls_nc + checks_nc, "", note="not used"),
+    ]
+
+
+def _deliver_figures(store: CountingStore, url_users: list[uuid.UUID]) -> list[Figure]:
+    tasks = RecordingTaskQueue()
+    config = bootstrap.Container(Settings()).policy
+    sms = FakeSms()
+    ids: list[uuid.UUID] = []
+    for i, user in enumerate(url_users):
+        body = _body(user, i) | {"priority": "high", "canDelay": True}
+        result = service.schedule(body, store=store, tasks=tasks, config=config, now=T0)
+        if result.message.scheduled_for != T0:
+            raise RuntimeError("a delivery benchmark message was not due at once")
+        ids.append(result.message.id)
+    clock = VirtualClock(T0 + timedelta(seconds=1))
+
+    def deliver(batch: list[uuid.UUID], wall: list[float]) -> None:
+        started = time.perf_counter()
+        for mid in batch:
+            out = service.deliver(
+                {"messageId": str(mid), "generation": 0},
+                store=store,
+                tasks=tasks,
+                sms=sms,
+                config=config,
+                clock=clock,
+            )
+            if out.action != "sent":
+                raise RuntimeError(f"delivery did not send: {out.action} {out.reason}")
+        wall.append(time.perf_counter() - started)
+
+    half = len(ids) // 2
+    wall_check: list[float] = []
+    wall_nc: list[float] = []
+    calls, checks = _per(store, half, lambda: deliver(ids[:half], wall_check))
+    store.pool_check(True)
+    try:
+        calls_nc, checks_nc = _per(store, len(ids) - half, lambda: deliver(ids[half:], wall_nc))
+    finally:
+        store.pool_check(False)
+    return [
+        Figure("deliveries/s, 1 worker", half / wall_check[0], "/s", note="SMS send faked in-process"),
+        Figure(
+            "deliveries/s, 1 worker, with a pool check", (len(ids) - half) / wall_nc[0], "/s", note="not used"
+        ),
+        Figure("store calls per delivery", calls, "", 3, higher_is_better=False),
+        Figure(
+            "DB round trips per delivery",
+            calls + checks,
+            "",
+            3,
+            higher_is_better=False,
+            note="store calls (no pool check, as configured)",
+        ),
+        Figure("DB round trips per delivery, with a pool check", calls_nc + checks_nc, "", note="not used"),
+    ]
+
+
+def run(tmp: Path) -> list[Figure]:
+    cluster = PgCluster(tmp / "pg")
+    try:
+        with cluster.fresh_database() as url:
+            store = CountingStore(url, max_size=Settings().db_pool_max)
+            try:
+                users = [
+                    uuid.UUID(store.upsert_user(f"+1555{i:07d}", TIMEZONES[i % len(TIMEZONES)])["id"])
+                    for i in range(USERS)
+                ]
+                figures = _schedule_figures(store, users)
+                fresh = [
+                    uuid.UUID(store.upsert_user(f"+1556{i:07d}", "UTC")["id"]) for i in range(2 * DELIVERIES)
+                ]
+                figures += _deliver_figures(store, fresh)
+            finally:
+                store.close()
+    finally:
+        cluster.stop()
+    return figures
