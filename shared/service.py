@@ -577,6 +577,19 @@ def sweep(
         report.batches += 1
         return got >= limit and _time.monotonic() < deadline
 
+    def retask(fetch: Callable[[datetime], list[TaskRef]], *, due_now: bool) -> int:
+        """Batches of rows that need a task: overdue ones (due now) or ones come within the horizon."""
+        count = 0
+        while True:
+            now = clock()
+            refs = fetch(now)
+            for ref in refs:
+                count += 1
+                if not _task(tasks, ref, now if due_now else ref.scheduled_for, now):
+                    report.task_errors += 1
+            if not more(len(refs)):
+                return count
+
     try:
         while True:
             n = store.sweep_expire(clock(), limit=limit)
@@ -595,24 +608,14 @@ def sweep(
                     report.reconcile_deferred += 1
             if not more(len(claims)):
                 break
-        while True:
-            now = clock()
-            refs = store.sweep_overdue(now, grace_seconds=config.sweep_grace_seconds, limit=limit)
-            for ref in refs:
-                report.overdue_requeued += 1
-                if not _task(tasks, ref, now, now):
-                    report.task_errors += 1
-            if not more(len(refs)):
-                break
-        while True:
-            now = clock()
-            refs = store.sweep_horizon(now, horizon_seconds=config.task_horizon_seconds, limit=limit)
-            for ref in refs:
-                report.horizon_tasked += 1
-                if not _task(tasks, ref, ref.scheduled_for, now):
-                    report.task_errors += 1
-            if not more(len(refs)):
-                break
+        report.overdue_requeued += retask(
+            lambda now: store.sweep_overdue(now, grace_seconds=config.sweep_grace_seconds, limit=limit),
+            due_now=True,
+        )
+        report.horizon_tasked += retask(
+            lambda now: store.sweep_horizon(now, horizon_seconds=config.task_horizon_seconds, limit=limit),
+            due_now=False,
+        )
         while True:
             published, failed = drain_events(store=store, publisher=events, clock=clock, limit=limit)
             report.events_published += published
