@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from shared.config import Settings
 from shared.errors import OrchestratorError
-from shared.ports import EventPublisher, SmsSender, Store, TaskQueue
+from shared.ports import EventPublisher, Renderer, SmsSender, Store, TaskQueue
 from shared.service import Policy
 
 
@@ -40,6 +40,7 @@ class Container:
         tasks: TaskQueue | None = None,
         sms: SmsSender | None = None,
         events: EventPublisher | None = None,
+        renderer: Renderer | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.settings = settings
@@ -49,6 +50,7 @@ class Container:
         self._sms = sms
         self._events = events
         self._events_built = events is not None
+        self._renderer = renderer
         self._lock = threading.Lock()
 
     @property
@@ -64,6 +66,7 @@ class Container:
             sweep_batch=s.sweep_batch_size,
             sweep_time_budget_seconds=float(s.sweep_time_budget_seconds),
             health_stale_seconds=s.health_stale_seconds,
+            render_max_length=s.render_max_length,
         )
 
     @property
@@ -91,6 +94,14 @@ class Container:
                     self._events = build_events(self.settings)
                     self._events_built = True
         return self._events
+
+    @property
+    def renderer(self) -> Renderer:
+        if self._renderer is None:
+            with self._lock:
+                if self._renderer is None:
+                    self._renderer = build_renderer(self.settings)
+        return self._renderer
 
     @property
     def sms(self) -> SmsSender:
@@ -133,6 +144,20 @@ def build_events(settings: Settings) -> EventPublisher | None:
     from shared.events import build_publisher
 
     return build_publisher(settings.google_cloud_project, topics)
+
+
+def build_renderer(settings: Settings) -> Renderer:
+    """Claude when ANTHROPIC_API_KEY is set; otherwise the deterministic template renderer."""
+    from shared.render import ClaudeRenderer, TemplateRenderer
+
+    if not settings.anthropic_api_key:
+        return TemplateRenderer()
+    return ClaudeRenderer(
+        api_key=settings.anthropic_api_key,
+        model=settings.anthropic_model,
+        base_url=settings.anthropic_base_url,
+        timeout_seconds=float(settings.anthropic_timeout_seconds),
+    )
 
 
 def build_sms(settings: Settings) -> SmsSender:

@@ -65,6 +65,12 @@ class Settings:
     # Pub/Sub
     events_topic: str | None = None
     inbound_topic: str | None = None
+    # Anthropic: without a key, the deterministic template renderer writes structured messages
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str | None = None
+    anthropic_model: str = "claude-sonnet-4-5"
+    anthropic_timeout_seconds: int = 10
+    render_max_length: int = 320
     # policy defaults
     limits: Limits = field(default_factory=Limits)
     max_attempts: int = 5
@@ -111,6 +117,11 @@ class Settings:
             twilio_signature_bypass_local=(_str(e, "TWILIO_SIGNATURE_BYPASS") or "") == "local-only",
             events_topic=_str(e, "EVENTS_TOPIC"),
             inbound_topic=_str(e, "INBOUND_TOPIC"),
+            anthropic_api_key=_str(e, "ANTHROPIC_API_KEY"),
+            anthropic_base_url=_str(e, "ANTHROPIC_BASE_URL"),
+            anthropic_model=_str(e, "ANTHROPIC_MODEL") or "claude-sonnet-4-5",
+            anthropic_timeout_seconds=_int(e, "ANTHROPIC_TIMEOUT_SECONDS", 10, minimum=1),
+            render_max_length=_int(e, "RENDER_MAX_LENGTH", 320, minimum=20),
             limits=limits,
             max_attempts=_int(e, "MAX_ATTEMPTS", 5, minimum=1),
             lease_seconds=_int(e, "CLAIM_LEASE_SECONDS", 120, minimum=10),

@@ -72,6 +72,12 @@ class Undeliverable(Conflict):
     code = "undeliverable"
 
 
+class NotCancellable(Conflict):
+    """The message is being sent or is already final; only a queued message can be cancelled."""
+
+    code = "not_cancellable"
+
+
 class IdempotencyConflict(Conflict):
     """This idempotency key was already used with a different request body."""
 
@@ -96,6 +102,19 @@ class StoreUnavailable(Unavailable):
     """The database is unavailable; nothing was written. Retry later."""
 
     code = "database_unavailable"
+
+
+class RenderUnavailable(Unavailable):
+    """Message rendering is unavailable; the message stays queued and is tried again later."""
+
+    code = "render_unavailable"
+    # True when retrying the same request cannot succeed until configuration or the message changes
+    # (bad key, rejected request, refusal): the caller may fail fast instead of retrying.
+    permanent: bool = False
+
+    def __init__(self, message: str | None = None, *, permanent: bool = False, **details: Any) -> None:
+        super().__init__(message, permanent=permanent, **details)
+        self.permanent = permanent
 
 
 class StoreError(OrchestratorError):

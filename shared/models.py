@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,9 +35,16 @@ SCHEDULE_FIELDS = frozenset(
         "conversationId",
         "idempotencyKey",
         "expiresAt",
+        "sequence",
+        "topicKey",
     }
 )
+PART_FIELDS = frozenset({"content", "delaySeconds"})
 MAX_AGENT_ID = 100
+MAX_TOPIC_KEY = 100
+MIN_PARTS, MAX_PARTS = 2, 5
+MAX_PART_DELAY_SECONDS = 10
+DEFAULT_PART_DELAY_SECONDS = 1
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -101,6 +109,125 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+STYLES = ("supportive", "snarky", "chaotic", "neutral")
+DEFAULT_STYLE = "neutral"
+MAX_TYPE_LENGTH = 100
+MAX_STRUCTURED_SIZE = 4000
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of the conversation, oldest first."""
+
+    direction: str  # "inbound" (from the user) | "outbound" (from us)
+    content: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one model call cost, for agent_actions_log."""
+
+    model: str  # "template" for the template renderer
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    latency_ms: int = 0
+    cost_usd: float = 0.0
+
+    def to_log(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.output_tokens,
+            "cacheCreationInputTokens": self.cache_creation_input_tokens,
+            "cacheReadInputTokens": self.cache_read_input_tokens,
+            "latencyMs": self.latency_ms,
+            "costUsd": self.cost_usd,
+        }
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str  # the SMS text: never empty, at most max_length characters, never raw JSON
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Relevance:
+    relevant: bool
+    reason: str  # a short explanation, at most MAX_REASON_LENGTH characters
+    usage: Usage
+
+
+def needs_render(message_data: Mapping[str, Any]) -> bool:
+    """True when messageData carries no finished `content` string, so a Renderer must write the text."""
+    return not isinstance(message_data.get("content"), str)
+
+
+def validate_structured(message_data: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Errors (`[{"field": "messageData.type", "reason": ...}]`) of a structured messageData; [] if valid.
+
+    `type` is required (a non-empty string, at most 100 characters); `style` is optional, one of STYLES;
+    every other key is a free-form field of any JSON, the whole object at most 4000 characters as JSON.
+    """
+    if not isinstance(message_data, Mapping):
+        return [{"field": "messageData", "reason": "must be an object"}]
+    errors: list[dict[str, str]] = []
+    kind = message_data.get("type")
+    if not isinstance(kind, str) or not kind.strip():
+        errors.append(
+            {
+                "field": "messageData.type",
+                "reason": "is required: a non-empty string (or give messageData.content, the finished text)",
+            }
+        )
+    elif len(kind) > MAX_TYPE_LENGTH:
+        errors.append({"field": "messageData.type", "reason": f"at most {MAX_TYPE_LENGTH} characters"})
+    style = message_data.get("style")
+    if style is not None and style not in STYLES:
+        errors.append({"field": "messageData.style", "reason": f"must be one of {', '.join(STYLES)}"})
+    if "content" in message_data and not isinstance(message_data["content"], str):
+        # A non-string content is more likely a mistake than a field meant for the renderer.
+        errors.append({"field": "messageData.content", "reason": "must be a string when present"})
+    try:
+        size = len(json.dumps(message_data, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError):
+        errors.append({"field": "messageData", "reason": "must be plain JSON"})
+    else:
+        if size > MAX_STRUCTURED_SIZE:
+            errors.append(
+                {"field": "messageData", "reason": f"at most {MAX_STRUCTURED_SIZE} characters as JSON"}
+            )
+    return errors
+
+
+@dataclass(frozen=True)
+class Part:
+    """One SMS of a sequence: sent `delay_seconds` after the previous part (the first: at once)."""
+
+    position: int
+    content: str
+    delay_seconds: int = DEFAULT_PART_DELAY_SECONDS
+    status: str = "pending"
+    twilio_message_sid: str | None = None
+    sent_at: datetime | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.status == "sent"
+
+
+def parts_json(parts: tuple[Part, ...]) -> list[dict[str, Any]]:
+    return [{"content": p.content, "delaySeconds": p.delay_seconds} for p in parts]
+
+
+def sequence_span(parts: tuple[Part, ...]) -> int:
+    """Seconds from the first part to the last: the time a sequence occupies once it starts."""
+    return sum(p.delay_seconds for p in parts[1:])
+
+
 @dataclass(frozen=True)
 class ScheduleRequest:
     user_id: uuid.UUID
@@ -113,6 +240,13 @@ class ScheduleRequest:
     conversation_id: uuid.UUID | None = None
     idempotency_key: str | None = None
     expires_at: datetime | None = None
+    topic_key: str | None = None
+    parts: tuple[Part, ...] = ()
+
+    @property
+    def structured(self) -> bool:
+        """messageData without a finished `content`: a Renderer writes the text."""
+        return not self.parts and needs_render(self.message_data)
 
     @property
     def request_hash(self) -> str:
@@ -127,6 +261,11 @@ class ScheduleRequest:
             "conversationId": str(self.conversation_id) if self.conversation_id else None,
             "expiresAt": iso(self.expires_at),
         }
+        # Only present when used, so digests of requests without them did not change.
+        if self.topic_key is not None:
+            canonical["topicKey"] = self.topic_key
+        if self.parts:
+            canonical["sequence"] = parts_json(self.parts)
         raw = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -170,22 +309,28 @@ class ScheduleRequest:
 
         message_data = body.get("messageData")
         content = ""
-        if "messageData" not in body:
-            bad("messageData", "is required")
+        parts: tuple[Part, ...] = ()
+        if "sequence" in body:
+            if "messageData" in body:
+                bad("sequence", "give either messageData or sequence, not both")
+            parts = _parse_sequence(body["sequence"], bad, max_content_length)
+            content = "\n".join(p.content for p in parts)
+            message_data = {"sequence": parts_json(parts)}
+        elif "messageData" not in body:
+            bad("messageData", "is required (or sequence)")
         elif not isinstance(message_data, dict):
             bad("messageData", "must be an object")
+        elif "content" not in message_data:
+            for e in validate_structured(message_data):
+                bad(e["field"], e["reason"])
         else:
-            raw_content = message_data.get("content")
-            if "content" not in message_data:
-                bad("messageData.content", "is required")
-            elif not isinstance(raw_content, str):
-                bad("messageData.content", "must be a string")
-            elif not raw_content.strip():
-                bad("messageData.content", "must not be empty")
-            elif len(raw_content) > max_content_length:
-                bad("messageData.content", f"must be at most {max_content_length} characters")
-            else:
-                content = raw_content
+            content = _parse_content(message_data, "messageData", bad, max_content_length)
+
+        topic_key = body.get("topicKey")
+        if topic_key is not None and (
+            not isinstance(topic_key, str) or not topic_key.strip() or len(topic_key) > MAX_TOPIC_KEY
+        ):
+            bad("topicKey", f"must be a non-empty string of at most {MAX_TOPIC_KEY} characters")
 
         priority = body.get("priority", "medium")
         if priority not in PRIORITIES:
@@ -236,7 +381,48 @@ class ScheduleRequest:
             conversation_id=conversation_id,
             idempotency_key=key.strip() if isinstance(key, str) else None,
             expires_at=expires_at,
+            topic_key=topic_key.strip() if isinstance(topic_key, str) else None,
+            parts=parts,
         )
+
+
+def _parse_content(data: dict[str, Any], name: str, bad: Callable[[str, str], None], max_length: int) -> str:
+    raw = data.get("content")
+    if "content" not in data:
+        bad(f"{name}.content", "is required")
+    elif not isinstance(raw, str):
+        bad(f"{name}.content", "must be a string")
+    elif not raw.strip():
+        bad(f"{name}.content", "must not be empty")
+    elif len(raw) > max_length:
+        bad(f"{name}.content", f"must be at most {max_length} characters")
+    else:
+        return raw
+    return ""
+
+
+def _parse_sequence(value: Any, bad: Callable[[str, str], None], max_length: int) -> tuple[Part, ...]:
+    if not isinstance(value, list):
+        bad("sequence", "must be an array of parts")
+        return ()
+    if not MIN_PARTS <= len(value) <= MAX_PARTS:
+        bad("sequence", f"must have {MIN_PARTS} to {MAX_PARTS} parts, got {len(value)}")
+        return ()
+    parts = []
+    for i, item in enumerate(value):
+        name = f"sequence[{i}]"
+        if not isinstance(item, dict):
+            bad(name, "must be an object")
+            continue
+        for extra in sorted(set(item) - PART_FIELDS):
+            bad(f"{name}.{field_name(extra)}", "unknown field")
+        content = _parse_content(item, name, bad, max_length)
+        delay = item.get("delaySeconds", DEFAULT_PART_DELAY_SECONDS)
+        if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_PART_DELAY_SECONDS:
+            bad(f"{name}.delaySeconds", f"must be an integer from 0 to {MAX_PART_DELAY_SECONDS}")
+            delay = DEFAULT_PART_DELAY_SECONDS
+        parts.append(Part(position=i + 1, content=content, delay_seconds=delay))
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -257,6 +443,11 @@ class NewMessage:
     scheduled_for: datetime
     reason: str
     now: datetime
+    rendered: str | None = None  # the text rendered at schedule time, for structured messageData
+
+    @property
+    def final_message(self) -> str | None:
+        return self.rendered or self.request.content or None
 
 
 @dataclass(frozen=True)
@@ -285,6 +476,21 @@ class StoredMessage:
     claim_token: uuid.UUID | None = None
     slot_at: datetime | None = None
     lease_expires_at: datetime | None = None
+    topic_key: str | None = None
+    parts: tuple[Part, ...] = ()
+    superseded_by: uuid.UUID | None = None
+    message_data: dict[str, Any] = field(default_factory=dict)
+    requires_fresh_context: bool = False
+    render_attempts: int = 0
+
+    @property
+    def structured(self) -> bool:
+        """messageData without a finished `content`: a Renderer writes the text."""
+        return not self.parts and needs_render(self.message_data)
+
+    @property
+    def is_sequence(self) -> bool:
+        return bool(self.parts)
 
     def to_public(self) -> dict[str, Any]:
         return {
@@ -300,6 +506,20 @@ class StoredMessage:
             "attempts": self.attempts,
             "expiresAt": iso(self.expires_at),
             "twilioMessageSid": self.twilio_message_sid,
+            "topicKey": self.topic_key,
+            "supersededBy": str(self.superseded_by) if self.superseded_by else None,
+            "parts": [
+                {
+                    "position": p.position,
+                    "content": p.content,
+                    "delaySeconds": p.delay_seconds,
+                    "status": p.status,
+                    "twilioMessageSid": p.twilio_message_sid,
+                    "sentAt": iso(p.sent_at),
+                }
+                for p in self.parts
+            ]
+            or None,
         }
 
 
@@ -308,6 +528,16 @@ class EnqueueResult:
     message: StoredMessage
     created: bool  # False: an earlier request with the same idempotency key
     request_hash: str | None = None
+    superseded: tuple[uuid.UUID, ...] = ()
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    cancelled: bool
+    already: bool = False
+    error: str | None = None  # not_owner | not_queued
+    status: str | None = None
+    message: StoredMessage | None = None
 
 
 @dataclass(frozen=True)

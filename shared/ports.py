@@ -4,20 +4,25 @@ the machine (Cloud Tasks, Twilio, Pub/Sub, Anthropic), never the Store."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from shared.models import (
+    CancelResult,
     Claim,
     DeliveryContext,
     EnqueueResult,
     NewMessage,
     PendingEvent,
     QueueHealth,
+    Relevance,
+    Rendered,
     SentRecord,
     StaleClaim,
     StoredMessage,
     TaskRef,
+    Turn,
     UserContext,
 )
 from shared.policy import Limits
@@ -80,6 +85,51 @@ class Store(Protocol):
     ) -> bool:
         """Mark sent, write the outbound messages row and count the budget, in one transaction.
         `reconciled`: found at Twilio after the claim's holder lost track of it."""
+        ...
+
+    def record_part(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, position: int, sid: str, now: datetime
+    ) -> bool:
+        """One part of a claimed sequence went out (with its outbound messages row): never resent."""
+        ...
+
+    def cancel(
+        self, message_id: uuid.UUID, *, agent_id: str | None, reason: str | None, now: datetime
+    ) -> CancelResult:
+        """Withdraw a queued message (only `agent_id`'s own, when given). Raises NotFound."""
+        ...
+
+    def conversation(self, user_id: uuid.UUID, limit: int) -> list[Turn]:
+        """The user's latest `limit` messages (both directions), oldest first."""
+        ...
+
+    def log_model_call(
+        self,
+        user_id: uuid.UUID,
+        message_id: uuid.UUID,
+        action: str,
+        usage: dict[str, Any],
+        output: dict[str, Any] | None,
+        error: str | None,
+        now: datetime,
+    ) -> None:
+        """One model call (model, tokens, latency, cost) into agent_actions_log."""
+        ...
+
+    def record_render(self, message_id: uuid.UUID, text: str, usage: dict[str, Any], now: datetime) -> bool:
+        """The rendered text of a queued message (logged with the call's usage)."""
+        ...
+
+    def render_failed(
+        self, message_id: uuid.UUID, *, error: str, usage: dict[str, Any], max_attempts: int, now: datetime
+    ) -> tuple[str, int]:
+        """A failed render counted; (status, render attempts): 'failed' once the attempts are spent."""
+        ...
+
+    def supersede_stale(
+        self, message_id: uuid.UUID, *, reason: str, usage: dict[str, Any], now: datetime
+    ) -> bool:
+        """A queued message the model judged stale: superseded, nothing sent, no budget used."""
         ...
 
     def release(
@@ -152,6 +202,25 @@ class Store(Protocol):
     def events_published(self, ids: list[int], now: datetime) -> int: ...
 
     def events_failed(self, ids: list[int], error: str, now: datetime) -> int: ...
+
+
+class Renderer(Protocol):
+    def render(
+        self, message_data: Mapping[str, Any], *, conversation: Sequence[Turn], max_length: int
+    ) -> Rendered:
+        """The SMS text for `message_data`. Raises RenderUnavailable."""
+        ...
+
+    def judge_relevance(
+        self,
+        text: str,
+        message_data: Mapping[str, Any],
+        *,
+        conversation: Sequence[Turn],
+        queued_at: datetime,
+    ) -> Relevance:
+        """Whether `text`, queued at `queued_at`, is still worth sending. Raises RenderUnavailable."""
+        ...
 
 
 class EventPublisher(Protocol):

@@ -25,22 +25,47 @@ import re
 import string
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import anthropic
 from anthropic.types import Message, MessageParam, TextBlock, TextBlockParam, ToolParam, ToolUseBlock
 
-from shared.errors import Unavailable
+from shared.errors import RenderUnavailable
+from shared.models import (
+    DEFAULT_STYLE,
+    MAX_STRUCTURED_SIZE,
+    MAX_TYPE_LENGTH,
+    STYLES,
+    Relevance,
+    Rendered,
+    Turn,
+    Usage,
+    needs_render,
+    validate_structured,
+)
+from shared.ports import Renderer
+
+__all__ = [
+    "MAX_STRUCTURED_SIZE",
+    "MAX_TYPE_LENGTH",
+    "STYLES",
+    "ClaudeRenderer",
+    "Relevance",
+    "RenderUnavailable",
+    "Rendered",
+    "Renderer",
+    "TemplateRenderer",
+    "Turn",
+    "Usage",
+    "needs_render",
+    "truncate",
+    "validate_structured",
+]
 from shared.log import event
 
 log = logging.getLogger(__name__)
 
-STYLES = ("supportive", "snarky", "chaotic", "neutral")
-DEFAULT_STYLE = "neutral"
-MAX_TYPE_LENGTH = 100
-MAX_STRUCTURED_SIZE = 4000
 MAX_REASON_LENGTH = 200
 # The latest turns only: older ones rarely change the wording and every turn is billed input.
 MAX_TURNS = 20
@@ -117,122 +142,7 @@ CACHE_WRITE_FACTOR = 1.25
 CACHE_READ_FACTOR = 0.1
 
 
-@dataclass(frozen=True)
-class Turn:
-    """One message of the conversation, oldest first."""
-
-    direction: str  # "inbound" (from the user) | "outbound" (from us)
-    content: str
-    at: datetime
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What one model call cost, for agent_actions_log."""
-
-    model: str  # "template" for the template renderer
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    latency_ms: int = 0
-    cost_usd: float = 0.0
-
-    def to_log(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "inputTokens": self.input_tokens,
-            "outputTokens": self.output_tokens,
-            "cacheCreationInputTokens": self.cache_creation_input_tokens,
-            "cacheReadInputTokens": self.cache_read_input_tokens,
-            "latencyMs": self.latency_ms,
-            "costUsd": self.cost_usd,
-        }
-
-
-@dataclass(frozen=True)
-class Rendered:
-    text: str  # the SMS text: never empty, at most max_length characters, never raw JSON
-    usage: Usage
-
-
-@dataclass(frozen=True)
-class Relevance:
-    relevant: bool
-    reason: str  # a short explanation, at most MAX_REASON_LENGTH characters
-    usage: Usage
-
-
-class Renderer(Protocol):
-    def render(
-        self, message_data: Mapping[str, Any], *, conversation: Sequence[Turn], max_length: int
-    ) -> Rendered:
-        """The SMS text for `message_data`. Raises RenderUnavailable."""
-        ...
-
-    def judge_relevance(
-        self,
-        text: str,
-        message_data: Mapping[str, Any],
-        *,
-        conversation: Sequence[Turn],
-        queued_at: datetime,
-    ) -> Relevance:
-        """Whether `text`, queued at `queued_at`, is still worth sending. Raises RenderUnavailable."""
-        ...
-
-
-class RenderUnavailable(Unavailable):
-    """Message rendering is unavailable; the message stays queued and is tried again later."""
-
-    code = "render_unavailable"
-    # True when retrying the same request cannot succeed until configuration or the message changes
-    # (bad key, rejected request, refusal): the caller may fail fast instead of retrying.
-    permanent: bool = False
-
-    def __init__(self, message: str | None = None, *, permanent: bool = False, **details: Any) -> None:
-        super().__init__(message, permanent=permanent, **details)
-        self.permanent = permanent
-
-
 # --- helpers shared by both renderers --------------------------------------------------------------
-
-
-def needs_render(message_data: Mapping[str, Any]) -> bool:
-    """True when messageData carries no finished `content` string, so a Renderer must write the text."""
-    return not isinstance(message_data.get("content"), str)
-
-
-def validate_structured(message_data: Mapping[str, Any]) -> list[dict[str, str]]:
-    """Errors (`[{"field": "messageData.type", "reason": ...}]`) of a structured messageData; [] if valid.
-
-    `type` is required (a non-empty string, at most 100 characters); `style` is optional, one of STYLES;
-    every other key is a free-form field of any JSON, the whole object at most 4000 characters as JSON.
-    """
-    if not isinstance(message_data, Mapping):
-        return [{"field": "messageData", "reason": "must be an object"}]
-    errors: list[dict[str, str]] = []
-    kind = message_data.get("type")
-    if not isinstance(kind, str) or not kind.strip():
-        errors.append({"field": "messageData.type", "reason": "required: a non-empty string"})
-    elif len(kind) > MAX_TYPE_LENGTH:
-        errors.append({"field": "messageData.type", "reason": f"at most {MAX_TYPE_LENGTH} characters"})
-    style = message_data.get("style")
-    if style is not None and style not in STYLES:
-        errors.append({"field": "messageData.style", "reason": f"must be one of {', '.join(STYLES)}"})
-    if "content" in message_data and not isinstance(message_data["content"], str):
-        # A non-string content is more likely a mistake than a field meant for the renderer.
-        errors.append({"field": "messageData.content", "reason": "must be a string when present"})
-    try:
-        size = len(json.dumps(message_data, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
-    except (TypeError, ValueError):
-        errors.append({"field": "messageData", "reason": "must be plain JSON"})
-    else:
-        if size > MAX_STRUCTURED_SIZE:
-            errors.append(
-                {"field": "messageData", "reason": f"at most {MAX_STRUCTURED_SIZE} characters as JSON"}
-            )
-    return errors
 
 
 def truncate(text: str, max_length: int) -> str:

@@ -8,17 +8,21 @@ import logging
 import time as _time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from shared import policy
 from shared.errors import (
+    Forbidden,
     IdempotencyConflict,
+    NotCancellable,
     NotDeliverable,
     NotFound,
     OptedOut,
     PermanentSendError,
+    RenderUnavailable,
     StoreUnavailable,
     TransientSendError,
     Unavailable,
@@ -30,22 +34,28 @@ from shared.models import (
     FINAL_STATUSES,
     QUEUED,
     SENDING,
+    SUPERSEDED,
     DeliveryContext,
     InboundSms,
     NewMessage,
     Outcome,
+    Rendered,
     ScheduleRequest,
     StaleClaim,
     StatusCallback,
     StoredMessage,
     SweepReport,
     TaskRef,
+    Turn,
     UserContext,
+    field_name,
     iso,
     keyword,
     parse_uuid,
+    sequence_span,
+    text_problem,
 )
-from shared.ports import EventPublisher, SmsSender, Store, TaskQueue
+from shared.ports import EventPublisher, Renderer, SmsSender, Store, TaskQueue
 
 log = logging.getLogger("orchestrator")
 
@@ -71,6 +81,8 @@ class Policy:
     sweep_time_budget_seconds: float = 50.0
     task_horizon_seconds: int = 30 * 86400 - 300
     health_stale_seconds: int = 300
+    render_max_length: int = 320
+    conversation_turns: int = 20
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class ScheduleResult:
     created: bool
     message: StoredMessage
     blocked_by: tuple[str, ...] = ()
+    superseded: tuple[uuid.UUID, ...] = ()
 
     def body(self) -> dict[str, Any]:
         m = self.message
@@ -91,6 +104,9 @@ class ScheduleResult:
             "blockedBy": list(self.blocked_by),
             "priority": m.priority,
             "idempotentReplay": not self.created,
+            "parts": len(m.parts) or None,
+            "topicKey": m.topic_key,
+            "superseded": [str(s) for s in self.superseded],
         }
 
 
@@ -114,8 +130,12 @@ def schedule(
     config: Policy,
     now: datetime,
     idempotency_header: str | None = None,
+    renderer: Renderer | None = None,
 ) -> ScheduleResult:
-    """Validate, plan the earliest allowed time, store the row, create its Cloud Task."""
+    """Validate, plan the earliest allowed time, store the row, create its Cloud Task.
+
+    Structured messageData (no `content`) is rendered now unless it asked for fresh context (then
+    at delivery, with the conversation as it is then); a failed render here is retried at delivery."""
     request = ScheduleRequest.parse(
         body, now=now, max_content_length=config.max_content_length, idempotency_header=idempotency_header
     )
@@ -123,7 +143,10 @@ def schedule(
     if ctx is None:
         raise NotFound(f"no user with id {request.user_id}", field="userId")
     _require_timezone(ctx)
-    decision = policy.plan(ctx.settings, config.limits, ctx.history, now, request.priority, request.can_delay)
+    span = timedelta(seconds=sequence_span(request.parts))
+    decision = policy.plan(
+        ctx.settings, config.limits, ctx.history, now, request.priority, request.can_delay, span=span
+    )
     if decision.reason == policy.OPTED_OUT:
         raise OptedOut(userId=str(request.user_id))
     if decision.reason == policy.UNDELIVERABLE:
@@ -137,15 +160,53 @@ def schedule(
             earliestAllowed=iso(decision.at),
             expiresAt=iso(request.expires_at),
         )
+    rendered: Rendered | None = None
+    render_error: RenderUnavailable | None = None
+    if request.structured and not request.requires_fresh_context and renderer is not None:
+        try:
+            turns = store.conversation(request.user_id, config.conversation_turns)
+            rendered = renderer.render(
+                request.message_data, conversation=turns, max_length=config.render_max_length
+            )
+        except RenderUnavailable as exc:
+            render_error = exc
     result = store.enqueue(
-        NewMessage(request=request, scheduled_for=decision.at, reason=decision.reason, now=now)
+        NewMessage(
+            request=request,
+            scheduled_for=decision.at,
+            reason=decision.reason,
+            now=now,
+            rendered=rendered.text if rendered else None,
+        )
     )
     message = result.message
+    if result.created and (rendered or render_error):
+        store.log_model_call(
+            message.user_id,
+            message.id,
+            "rendered" if rendered else "render_failed",
+            rendered.usage.to_log() if rendered else _error_usage("render", render_error),
+            {"length": len(rendered.text), "at": "schedule"} if rendered else {"at": "schedule"},
+            render_error.message if render_error else None,
+            now,
+        )
     if not result.created:
         if result.request_hash != request.request_hash:
             raise IdempotencyConflict(idempotencyKey=request.idempotency_key, messageId=str(message.id))
         event(log, logging.INFO, "idempotent replay", messageId=str(message.id), agentId=request.agent_id)
         return ScheduleResult(created=False, message=message)
+    for old in result.superseded:
+        event(
+            log,
+            logging.INFO,
+            "superseded by a newer message on the same topic",
+            messageId=str(old),
+            supersededBy=str(message.id),
+            userId=str(message.user_id),
+            agentId=message.agent_id,
+            topicKey=message.topic_key,
+            reason="superseded",
+        )
     _wake(tasks, message, message.generation, message.scheduled_for, now)
     event(
         log,
@@ -158,8 +219,12 @@ def schedule(
         scheduledFor=iso(message.scheduled_for),
         reason=decision.reason,
         blockedBy=list(decision.blocked_by),
+        parts=len(message.parts) or None,
+        topicKey=message.topic_key,
     )
-    return ScheduleResult(created=True, message=message, blocked_by=decision.blocked_by)
+    return ScheduleResult(
+        created=True, message=message, blocked_by=decision.blocked_by, superseded=result.superseded
+    )
 
 
 def _wake(tasks: TaskQueue, message: StoredMessage, generation: int, at: datetime, now: datetime) -> None:
@@ -201,6 +266,42 @@ def get_message(message_id: str, *, store: Store) -> StoredMessage:
     return message
 
 
+def cancel(message_id: str, body: Any, *, store: Store, now: datetime) -> tuple[int, dict[str, Any]]:
+    """An agent withdraws a queued message: 200 cancelled (again: the same answer), 409 when it is
+    being sent or already final, 403 when `agentId` is given and is not the message's agent."""
+    parsed = parse_uuid(message_id)
+    errors = [] if parsed is not None else [{"field": "messageId", "reason": "must be a UUID"}]
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
+    for name in sorted(set(body) - {"agentId", "reason"}):
+        errors.append({"field": field_name(name), "reason": "unknown field"})
+    agent_id, reason = body.get("agentId"), body.get("reason")
+    if agent_id is not None and (not isinstance(agent_id, str) or not agent_id.strip()):
+        errors.append({"field": "agentId", "reason": "must be a non-empty string"})
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 500 or text_problem(reason)):
+        errors.append({"field": "reason", "reason": "must be text of at most 500 characters"})
+    if errors:
+        raise ValidationError(errors)
+    assert parsed is not None
+    result = store.cancel(parsed, agent_id=agent_id, reason=reason, now=now)
+    if result.error == "not_owner":
+        raise Forbidden("the message belongs to another agent", messageId=str(parsed))
+    if result.error == "not_queued":
+        raise NotCancellable(messageId=str(parsed), status=result.status)
+    assert result.message is not None
+    event(
+        log,
+        logging.INFO,
+        "message cancelled" + (" (again)" if result.already else ""),
+        messageId=str(parsed),
+        userId=str(result.message.user_id),
+        agentId=result.message.agent_id,
+        reason="cancelled",
+    )
+    return 200, {"success": True, "alreadyCancelled": result.already, **result.message.to_public()}
+
+
 def parse_task(body: Any) -> tuple[uuid.UUID, int | None]:
     """The deliver task's body: {"messageId": uuid, "generation": int (optional)}."""
     if not isinstance(body, dict):
@@ -228,8 +329,12 @@ def deliver(
     sms: SmsSender,
     config: Policy,
     clock: Clock,
+    sleep: Callable[[float], None] = _time.sleep,
+    renderer: Renderer | None = None,
 ) -> Outcome:
-    """Handle one Cloud Task: re-check, claim, send, record. Safe to run any number of times."""
+    """Handle one Cloud Task: re-check, claim, send, record. Safe to run any number of times.
+
+    `sleep` paces the parts of a sequence (tests pass one that advances their virtual clock)."""
     message_id, generation = parse_task(body)
     now = clock()
     ctx = store.delivery_context(message_id, now)
@@ -270,14 +375,25 @@ def deliver(
         # Woken early (or by an old task of the same generation): keep the plan, with a fresh task.
         return _defer(store, tasks, m, m.scheduled_for, "early_task", now, fields)
 
+    rank = policy.RANK[m.priority]
+    if any(r.at <= now and policy.RANK.get(r.priority, rank) < rank for r in ctx.user.history.reservations):
+        # A more important message to this user is due too: it takes this slot; this one follows
+        # it after the cooldown, whichever task Cloud Tasks happened to fire first.
+        at = now + max(config.limits.cooldown, timedelta(seconds=1))
+        return _defer(store, tasks, m, at, "priority_yield", now, fields)
     decision = policy.check_now(
-        ctx.user.settings, config.limits, ctx.user.history, now, m.priority, m.can_delay
+        ctx.user.settings, config.limits, ctx.user.history, now, m.priority, m.can_delay, span=_span(m)
     )
     if decision.reason in (policy.OPTED_OUT, policy.UNDELIVERABLE):
         store.fail(m.id, error=policy.REASONS[decision.reason], reason=decision.reason, now=now)
         return _outcome(logging.INFO, m.id, "failed", decision.reason, "failed", **fields)
     if not decision.allowed_now:
         return _replan(store, tasks, ctx, config, now, decision.reason, fields, refresh=False)
+    if m.structured or m.requires_fresh_context:
+        prepared = _prepare_content(store, tasks, renderer, ctx, config, now, fields)
+        if isinstance(prepared, Outcome):
+            return prepared
+        ctx, m = prepared, prepared.message
 
     limits = ctx.user.settings.limits(config.limits)
     _, day_start, day_end = policy.local_day_bounds(ctx.user.settings.timezone, now)
@@ -303,7 +419,131 @@ def deliver(
         # Another delivery for this user won the lock: plan again from what the database now holds.
         return _replan(store, tasks, ctx, config, now, claim.reason, fields, refresh=True)
     assert claim.token is not None
+    if m.is_sequence:
+        return _send_sequence(store, sms, ctx, config, clock, sleep, claim.token, claim.attempts, fields)
     return _send(store, sms, ctx, config, clock, claim.token, claim.attempts, fields)
+
+
+def _error_usage(operation: str, exc: RenderUnavailable | None) -> dict[str, Any]:
+    details = dict(exc.details) if exc else {}
+    return {"operation": operation, **{k: v for k, v in details.items() if isinstance(v, str | int | bool)}}
+
+
+def _prepare_content(
+    store: Store,
+    tasks: TaskQueue,
+    renderer: Renderer | None,
+    ctx: DeliveryContext,
+    config: Policy,
+    now: datetime,
+    fields: dict[str, Any],
+) -> DeliveryContext | Outcome:
+    """The relevance check and the final text, before the claim (a model call takes seconds; the
+    claim's lease should not).
+
+    With requiresFreshContext, and only if the user wrote since the message was queued, the model
+    judges whether it is still relevant: stale → superseded, nothing sent, no budget used.
+    Structured messageData is rendered now if it has no text yet, or again with fresh context.
+    A failed call keeps the row queued and tries again later (never sends raw data)."""
+    m = ctx.message
+    turns: list[Turn] | None = None
+    last_in = ctx.user.history.last_inbound_at
+    if (
+        m.requires_fresh_context
+        and last_in is not None
+        and m.created_at is not None
+        and last_in > m.created_at
+    ):
+        if renderer is None:
+            return _render_failed(
+                store, tasks, m, config, now, fields, RenderUnavailable("no renderer"), "relevance"
+            )
+        turns = store.conversation(m.user_id, config.conversation_turns)
+        try:
+            verdict = renderer.judge_relevance(
+                m.content, m.message_data, conversation=turns, queued_at=m.created_at
+            )
+        except RenderUnavailable as exc:
+            return _render_failed(store, tasks, m, config, now, fields, exc, "relevance")
+        if not verdict.relevant:
+            if not store.supersede_stale(m.id, reason=verdict.reason, usage=verdict.usage.to_log(), now=now):
+                return _outcome(logging.INFO, m.id, "skipped", "not_queued", m.status, **fields)
+            return _outcome(
+                logging.INFO, m.id, "superseded", "stale", SUPERSEDED, explanation=verdict.reason, **fields
+            )
+        store.log_model_call(
+            m.user_id,
+            m.id,
+            "relevance_checked",
+            verdict.usage.to_log(),
+            {"relevant": True, "reason": verdict.reason},
+            None,
+            now,
+        )
+    if m.structured and (not m.content or m.requires_fresh_context):
+        if renderer is None:
+            return _render_failed(
+                store, tasks, m, config, now, fields, RenderUnavailable("no renderer"), "render"
+            )
+        try:
+            if turns is None:
+                turns = store.conversation(m.user_id, config.conversation_turns)
+            rendered = renderer.render(
+                m.message_data, conversation=turns, max_length=config.render_max_length
+            )
+        except RenderUnavailable as exc:
+            return _render_failed(store, tasks, m, config, now, fields, exc, "render")
+        if not store.record_render(m.id, rendered.text, rendered.usage.to_log(), now):
+            return _outcome(logging.INFO, m.id, "skipped", "not_queued", m.status, **fields)
+        m = replace(m, content=rendered.text)
+        ctx = replace(ctx, message=m)
+    return ctx
+
+
+def _render_failed(
+    store: Store,
+    tasks: TaskQueue,
+    m: StoredMessage,
+    config: Policy,
+    now: datetime,
+    fields: dict[str, Any],
+    exc: RenderUnavailable,
+    operation: str,
+) -> Outcome:
+    status, attempts = store.render_failed(
+        m.id, error=exc.message, usage=_error_usage(operation, exc), max_attempts=config.max_attempts, now=now
+    )
+    if status == "failed":
+        return _outcome(
+            logging.ERROR,
+            m.id,
+            "failed",
+            "render_failed",
+            status,
+            error=exc.message,
+            attempts=attempts,
+            **fields,
+        )
+    if status != QUEUED:
+        return _outcome(logging.INFO, m.id, "skipped", "not_queued", status, **fields)
+    # The queue's own retry would come back in seconds; a model outage usually lasts longer.
+    backoff = timedelta(seconds=min(30 * 2 ** max(attempts - 1, 0), 900))
+    event(
+        log,
+        logging.WARNING,
+        f"{operation} failed; the message stays queued and is tried again",
+        messageId=str(m.id),
+        error=exc.message,
+        permanent=exc.permanent,
+        attempts=attempts,
+        reason="render_unavailable",
+    )
+    return _defer(store, tasks, m, now + backoff, "render_unavailable", now, fields)
+
+
+def _span(m: StoredMessage) -> timedelta:
+    """How long the rest of a sequence takes once it starts (zero for a single message)."""
+    return timedelta(seconds=sequence_span(tuple(p for p in m.parts if not p.sent)))
 
 
 def _send(
@@ -394,6 +634,147 @@ def _send(
     )
 
 
+def _record(fn: Callable[[], bool], m: StoredMessage, sid: str, fields: dict[str, Any]) -> bool:
+    """Record a send Twilio accepted, retried briefly: losing that fact is the worst outcome."""
+    for delay in (*RECORD_RETRY_DELAYS, None):
+        try:
+            return fn()
+        except StoreUnavailable:
+            if delay is None:
+                # The SMS went out; the row stays 'sending' and the sweep reconciles it by sid.
+                event(
+                    log,
+                    logging.CRITICAL,
+                    "sent but not recorded: database unavailable",
+                    messageId=str(m.id),
+                    twilioMessageSid=sid,
+                    reason="record_failed",
+                    **fields,
+                )
+                raise
+            _time.sleep(delay)
+    return False  # pragma: no cover - the loop returns or raises
+
+
+def _send_sequence(
+    store: Store,
+    sms: SmsSender,
+    ctx: DeliveryContext,
+    config: Policy,
+    clock: Clock,
+    sleep: Callable[[float], None],
+    token: uuid.UUID,
+    attempts: int,
+    fields: dict[str, Any],
+) -> Outcome:
+    """The parts of a claimed sequence, in position order, each recorded as soon as Twilio takes it.
+
+    The claim is one slot for the whole sequence. A part already sent (an earlier attempt that
+    failed halfway) is skipped, never resent. A failure after the first part keeps the claim and
+    its slot and hands the rest to reconciliation: it records what Twilio has, then queues the
+    message again so the remaining parts follow.
+    """
+    m = ctx.message
+    fields = {**fields, "parts": len(m.parts)}
+    pending = [p for p in m.parts if not p.sent]
+    started = len(pending) < len(m.parts)
+    last_sid = next((p.twilio_message_sid for p in reversed(m.parts) if p.sent), None)
+    for i, part in enumerate(pending):
+        if i and part.delay_seconds:
+            sleep(part.delay_seconds)
+        try:
+            sid = sms.send(ctx.user.phone_number, part.content, message_id=m.id)
+        except PermanentSendError as exc:
+            code = exc.provider_code or "unknown"
+            store.fail(m.id, error=f"twilio {code}: {exc.message}", reason=f"twilio_{code}", now=clock())
+            return _outcome(
+                logging.WARNING,
+                m.id,
+                "failed",
+                f"twilio_{code}",
+                "failed",
+                error=exc.message,
+                part=part.position,
+                **fields,
+            )
+        except TransientSendError as exc:
+            code = exc.provider_code or str(exc.provider_status or "transient")
+            if not started and not exc.maybe_sent:
+                # Nothing of it went out: give the claim back, as for a single message.
+                status = store.release(
+                    m.id,
+                    token,
+                    error=f"twilio {code}: {exc.message}",
+                    now=clock(),
+                    max_attempts=config.max_attempts,
+                )
+                action = "failed" if status == "failed" else "retry"
+                reason = "attempts_exhausted" if status == "failed" else f"twilio_{code}"
+                return _outcome(
+                    logging.WARNING,
+                    m.id,
+                    action,
+                    reason,
+                    status,
+                    attempts=attempts,
+                    error=exc.message,
+                    **fields,
+                )
+            reconcile_at = clock() + timedelta(seconds=config.reconcile_after_seconds)
+            store.hold_for_reconcile(
+                m.id,
+                token,
+                error=f"twilio {code} at part {part.position}: {exc.message}",
+                reconcile_at=reconcile_at,
+                now=clock(),
+            )
+            return _outcome(
+                logging.WARNING,
+                m.id,
+                "retry",
+                "outcome_unknown" if exc.maybe_sent else "sequence_interrupted",
+                SENDING,
+                scheduled_for=reconcile_at,
+                attempts=attempts,
+                error=exc.message,
+                part=part.position,
+                **fields,
+            )
+        started = True
+        last_sid = sid
+        at = clock()
+        position = part.position
+        if not _record(
+            partial(store.record_part, m.id, token, position=position, sid=sid, now=at), m, sid, fields
+        ):
+            # Someone else holds the row now (a reconciler after a lapsed lease): stop; it settles it.
+            return _outcome(
+                logging.WARNING, m.id, "skipped", "claim_lost", SENDING, sid=sid, part=position, **fields
+            )
+    assert last_sid is not None
+    sent_at = clock()
+    local_date = sent_at.astimezone(policy.zone(ctx.user.settings.timezone)).date().isoformat()
+    _record(
+        lambda: store.record_sent(
+            m.id, token, sid=last_sid, body=m.content, now=sent_at, local_date=local_date
+        ),
+        m,
+        last_sid,
+        fields,
+    )
+    return _outcome(
+        logging.INFO,
+        m.id,
+        "sent",
+        "ok",
+        "sent",
+        sid=last_sid,
+        attempts=attempts,
+        sentAt=iso(sent_at),
+        **fields,
+    )
+
+
 def _replan(
     store: Store,
     tasks: TaskQueue,
@@ -415,7 +796,9 @@ def _replan(
     """
     m = ctx.message
     user = (store.user_context(m.user_id, now, exclude=m.id) or ctx.user) if refresh else ctx.user
-    decision = policy.check_now(user.settings, config.limits, user.history, now, m.priority, m.can_delay)
+    decision = policy.check_now(
+        user.settings, config.limits, user.history, now, m.priority, m.can_delay, span=_span(m)
+    )
     if decision.reason in (policy.OPTED_OUT, policy.UNDELIVERABLE):
         store.fail(m.id, error=policy.REASONS[decision.reason], reason=decision.reason, now=now)
         return _outcome(logging.INFO, m.id, "failed", decision.reason, "failed", **fields)
@@ -499,6 +882,10 @@ def reconcile(
     m = claim.message
     since = m.slot_at or m.updated_at or clock()
     fields: dict[str, Any] = {"userId": str(m.user_id), "agentId": m.agent_id, "reason": "reconcile"}
+    if m.is_sequence:
+        return _reconcile_sequence(
+            claim, since, store=store, tasks=tasks, sms=sms, clock=clock, fields=fields
+        )
     try:
         candidates = sms.find_sent(claim.phone_number, m.content, since=since)
     except TransientSendError as exc:
@@ -550,6 +937,75 @@ def reconcile(
         generation=generation,
         action="reconciled",
         outcome="requeued",
+        **fields,
+    )
+    return "requeued"
+
+
+def _reconcile_sequence(
+    claim: StaleClaim,
+    since: datetime,
+    *,
+    store: Store,
+    tasks: TaskQueue,
+    sms: SmsSender,
+    clock: Clock,
+    fields: dict[str, Any],
+) -> str:
+    """A stale sequence: record each pending part Twilio has, in order, up to the first it has not;
+    all sent → the message is sent; otherwise queued again and the rest follow (never a resend)."""
+    m = claim.message
+    recorded: list[int] = []
+    try:
+        for part in (p for p in m.parts if not p.sent):
+            candidates = sms.find_sent(claim.phone_number, part.content, since=since)
+            now = clock()
+            if not any(
+                store.record_part(m.id, claim.token, position=part.position, sid=found.sid, now=now)
+                for found in candidates
+            ):
+                break
+            recorded.append(part.position)
+    except TransientSendError as exc:
+        event(
+            log,
+            logging.WARNING,
+            "reconcile: Twilio unavailable; held for another lease",
+            messageId=str(m.id),
+            error=exc.message,
+            **fields,
+        )
+        return "deferred"
+    now = clock()
+    done = {p.position for p in m.parts if p.sent} | set(recorded)
+    if len(done) == len(m.parts):
+        local_date = now.astimezone(policy.zone(claim.timezone)).date().isoformat()
+        if store.record_sent(
+            m.id, claim.token, sid="", body=m.content, now=now, local_date=local_date, reconciled=True
+        ):
+            event(
+                log,
+                logging.WARNING,
+                "reconciled: Twilio had every part of the sequence; recorded",
+                messageId=str(m.id),
+                action="reconciled",
+                outcome="sent",
+                partsRecovered=recorded,
+                **fields,
+            )
+            return "sent"
+    generation = store.requeue_claim(m.id, claim.token, reason="reconciled_not_sent", now=now)
+    if generation is not None:
+        _wake(tasks, m, generation, now, now)
+    event(
+        log,
+        logging.WARNING,
+        "reconciled: the sequence stopped halfway; queued again, the remaining parts follow",
+        messageId=str(m.id),
+        generation=generation,
+        action="reconciled",
+        outcome="requeued",
+        partsSent=sorted(done),
         **fields,
     )
     return "requeued"

@@ -22,6 +22,7 @@ log = logging.getLogger("orchestrator.http")
 
 MAX_BODY_BYTES = 64 * 1024
 _MESSAGE_PATH = re.compile(r"^/(?:messages/)?(?P<id>[^/]+)/?$")
+_CANCEL_PATH = re.compile(r"^/(?:messages/)?(?P<id>[^/]+)/cancel/?$")
 
 Response = tuple[str, int, dict[str, str]]
 
@@ -98,6 +99,12 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
             return respond(200, {"success": True, **message.to_public()})
         if request.method != "POST":
             return method_not_allowed("GET, POST", "use POST, or GET /messages/<id>")
+        cancel = _CANCEL_PATH.match(request.path)
+        if cancel:
+            # An empty body is allowed: the message id in the path is all a cancel needs.
+            cancel_body = _json_body(request) if request.get_data(cache=True) else None
+            status, answer = service.cancel(cancel.group("id"), cancel_body, store=c.store, now=c.clock())
+            return respond(status, answer)
         body = _json_body(request)
         result = service.schedule(
             body,
@@ -106,6 +113,7 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
             config=c.policy,
             now=c.clock(),
             idempotency_header=request.headers.get("Idempotency-Key"),
+            renderer=c.renderer,
         )
         return respond(201 if result.created else 200, result.body())
 
@@ -119,7 +127,7 @@ def deliver_message(request: flask.Request, c: Container) -> Response:
         body = _json_body(request)
         service.parse_task(body)  # a malformed task is a 400 before any adapter is built
         outcome = service.deliver(
-            body, store=c.store, tasks=c.tasks, sms=c.sms, config=c.policy, clock=c.clock
+            body, store=c.store, tasks=c.tasks, sms=c.sms, config=c.policy, clock=c.clock, renderer=c.renderer
         )
         payload = {
             "success": outcome.action not in ("retry",),

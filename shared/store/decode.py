@@ -8,14 +8,17 @@ from typing import Any
 
 from shared.errors import NotFound, ValidationError
 from shared.models import (
+    CancelResult,
     Claim,
     DeliveryContext,
     EnqueueResult,
+    Part,
     PendingEvent,
     QueueHealth,
     StaleClaim,
     StoredMessage,
     TaskRef,
+    Turn,
     UserContext,
 )
 from shared.policy import History, Reservation, UserSettings
@@ -70,6 +73,22 @@ def message(row: dict[str, Any]) -> StoredMessage:
         claim_token=_uuid(row.get("claim_token")),
         slot_at=instant(row.get("slot_at")),
         lease_expires_at=instant(row.get("lease_expires_at")),
+        topic_key=row.get("topic_key"),
+        parts=tuple(
+            Part(
+                position=int(p["position"]),
+                content=str(p["content"]),
+                delay_seconds=int(p.get("delay_seconds") or 0),
+                status=str(p.get("status") or "pending"),
+                twilio_message_sid=p.get("twilio_message_sid"),
+                sent_at=instant(p.get("sent_at")),
+            )
+            for p in sorted(row.get("parts") or [], key=lambda p: int(p["position"]))
+        ),
+        superseded_by=_uuid(row.get("superseded_by_message_id")),
+        message_data=dict(data) if isinstance(data, dict) else {},
+        requires_fresh_context=bool(row.get("requires_fresh_context")),
+        render_attempts=int(row.get("render_attempts") or 0),
     )
 
 
@@ -132,7 +151,46 @@ def enqueue_result(doc: dict[str, Any]) -> EnqueueResult:
     if error == "unknown_conversation":
         raise ValidationError([{"field": "conversationId", "reason": "no such conversation for this user"}])
     stored = message(doc["message"])
-    return EnqueueResult(message=stored, created=bool(doc.get("created")), request_hash=stored.request_hash)
+    return EnqueueResult(
+        message=stored,
+        created=bool(doc.get("created")),
+        request_hash=stored.request_hash,
+        superseded=tuple(uuid.UUID(str(s)) for s in doc.get("superseded") or []),
+    )
+
+
+def turns(doc: Any) -> list[Turn]:
+    return [
+        Turn(
+            direction=str(d["direction"]), content=str(d.get("content") or ""), at=_required_instant(d["at"])
+        )
+        for d in doc or []
+    ]
+
+
+def render_failed(doc: dict[str, Any]) -> tuple[str, int]:
+    return str(doc.get("status")), int(doc.get("attempts") or 0)
+
+
+def parts_param(parts: tuple[Part, ...]) -> list[dict[str, Any]] | None:
+    """A sequence's parts as mq_enqueue takes them (in position order), None for a single message."""
+    if not parts:
+        return None
+    return [{"content": p.content, "delay_seconds": p.delay_seconds} for p in parts]
+
+
+def cancel_result(doc: dict[str, Any]) -> CancelResult:
+    error = doc.get("error")
+    if error == "not_found":
+        raise NotFound("no such message", field="messageId")
+    row = doc.get("message")
+    return CancelResult(
+        cancelled=bool(doc.get("cancelled")),
+        already=bool(doc.get("already")),
+        error=error,
+        status=doc.get("status"),
+        message=None if row is None else message(row),
+    )
 
 
 def release_status(doc: Any) -> str:

@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shared.errors import StoreError, StoreUnavailable
 from shared.models import (
+    CancelResult,
     Claim,
     DeliveryContext,
     EnqueueResult,
@@ -28,6 +29,7 @@ from shared.models import (
     StaleClaim,
     StoredMessage,
     TaskRef,
+    Turn,
     UserContext,
 )
 from shared.policy import Limits
@@ -82,7 +84,7 @@ class PostgresStore:
                 r.user_id,
                 r.agent_id,
                 Jsonb(r.message_data),
-                r.content,
+                message.final_message,
                 message.scheduled_for,
                 r.priority,
                 r.can_delay,
@@ -93,6 +95,8 @@ class PostgresStore:
                 r.expires_at,
                 message.reason,
                 message.now,
+                r.topic_key,
+                None if not r.parts else Jsonb(decode.parts_param(r.parts)),
             ],
         )
         return decode.enqueue_result(doc)
@@ -151,6 +155,57 @@ class PostgresStore:
     ) -> bool:
         doc = self.call("mq_record_sent", [message_id, token, sid, body, now, local_date, reconciled])
         return bool(doc and doc.get("recorded"))
+
+    def record_part(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, position: int, sid: str, now: datetime
+    ) -> bool:
+        doc = self.call("mq_record_part", [message_id, token, position, sid, now])
+        return bool(doc and doc.get("recorded"))
+
+    def cancel(
+        self, message_id: uuid.UUID, *, agent_id: str | None, reason: str | None, now: datetime
+    ) -> CancelResult:
+        return decode.cancel_result(self.call("mq_cancel", [message_id, agent_id, reason, now]))
+
+    def conversation(self, user_id: uuid.UUID, limit: int) -> list[Turn]:
+        return decode.turns(self.call("mq_conversation", [user_id, limit]))
+
+    def log_model_call(
+        self,
+        user_id: uuid.UUID,
+        message_id: uuid.UUID,
+        action: str,
+        usage: dict[str, Any],
+        output: dict[str, Any] | None,
+        error: str | None,
+        now: datetime,
+    ) -> None:
+        self.call(
+            "mq_log_model_call",
+            [
+                user_id,
+                message_id,
+                action,
+                Jsonb(usage),
+                None if output is None else Jsonb(output),
+                error,
+                now,
+            ],
+        )
+
+    def record_render(self, message_id: uuid.UUID, text: str, usage: dict[str, Any], now: datetime) -> bool:
+        return bool(self.call("mq_record_render", [message_id, text, Jsonb(usage), now]))
+
+    def render_failed(
+        self, message_id: uuid.UUID, *, error: str, usage: dict[str, Any], max_attempts: int, now: datetime
+    ) -> tuple[str, int]:
+        doc = self.call("mq_render_failed", [message_id, error, Jsonb(usage), max_attempts, now])
+        return decode.render_failed(doc)
+
+    def supersede_stale(
+        self, message_id: uuid.UUID, *, reason: str, usage: dict[str, Any], now: datetime
+    ) -> bool:
+        return bool(self.call("mq_supersede_stale", [message_id, reason, Jsonb(usage), now]))
 
     def release(
         self, message_id: uuid.UUID, token: uuid.UUID, *, error: str, now: datetime, max_attempts: int

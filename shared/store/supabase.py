@@ -26,6 +26,7 @@ from supabase import Client, ClientOptions, create_client
 
 from shared.errors import StoreError, StoreUnavailable
 from shared.models import (
+    CancelResult,
     Claim,
     DeliveryContext,
     EnqueueResult,
@@ -35,6 +36,7 @@ from shared.models import (
     StaleClaim,
     StoredMessage,
     TaskRef,
+    Turn,
     UserContext,
 )
 from shared.policy import Limits
@@ -156,7 +158,7 @@ class SupabaseStore:
                 "p_user_id": str(r.user_id),
                 "p_agent_id": r.agent_id,
                 "p_message_data": r.message_data,
-                "p_final_message": r.content,
+                "p_final_message": message.final_message,
                 "p_scheduled_for": _instant(message.scheduled_for),
                 "p_priority": r.priority,
                 "p_can_delay": r.can_delay,
@@ -167,6 +169,8 @@ class SupabaseStore:
                 "p_expires_at": _opt_instant(r.expires_at),
                 "p_reason": message.reason,
                 "p_now": _instant(message.now),
+                "p_topic_key": r.topic_key,
+                "p_parts": decode.parts_param(r.parts),
             },
         )
         return decode.enqueue_result(doc)
@@ -246,6 +250,92 @@ class SupabaseStore:
             },
         )
         return bool(doc and doc.get("recorded"))
+
+    def record_part(
+        self, message_id: uuid.UUID, token: uuid.UUID, *, position: int, sid: str, now: datetime
+    ) -> bool:
+        doc = self._rpc(
+            "mq_record_part",
+            {
+                "p_message_id": str(message_id),
+                "p_token": str(token),
+                "p_position": position,
+                "p_sid": sid,
+                "p_now": _instant(now),
+            },
+        )
+        return bool(doc and doc.get("recorded"))
+
+    def cancel(
+        self, message_id: uuid.UUID, *, agent_id: str | None, reason: str | None, now: datetime
+    ) -> CancelResult:
+        doc = self._rpc(
+            "mq_cancel",
+            {
+                "p_message_id": str(message_id),
+                "p_agent_id": agent_id,
+                "p_reason": reason,
+                "p_now": _instant(now),
+            },
+        )
+        return decode.cancel_result(doc)
+
+    def conversation(self, user_id: uuid.UUID, limit: int) -> list[Turn]:
+        return decode.turns(self._rpc("mq_conversation", {"p_user_id": str(user_id), "p_limit": limit}))
+
+    def log_model_call(
+        self,
+        user_id: uuid.UUID,
+        message_id: uuid.UUID,
+        action: str,
+        usage: dict[str, Any],
+        output: dict[str, Any] | None,
+        error: str | None,
+        now: datetime,
+    ) -> None:
+        self._rpc(
+            "mq_log_model_call",
+            {
+                "p_user_id": str(user_id),
+                "p_message_id": str(message_id),
+                "p_action": action,
+                "p_usage": usage,
+                "p_output": output,
+                "p_error": error,
+                "p_now": _instant(now),
+            },
+        )
+
+    def record_render(self, message_id: uuid.UUID, text: str, usage: dict[str, Any], now: datetime) -> bool:
+        doc = self._rpc(
+            "mq_record_render",
+            {"p_message_id": str(message_id), "p_text": text, "p_usage": usage, "p_now": _instant(now)},
+        )
+        return bool(doc)
+
+    def render_failed(
+        self, message_id: uuid.UUID, *, error: str, usage: dict[str, Any], max_attempts: int, now: datetime
+    ) -> tuple[str, int]:
+        doc = self._rpc(
+            "mq_render_failed",
+            {
+                "p_message_id": str(message_id),
+                "p_error": error,
+                "p_usage": usage,
+                "p_max_attempts": max_attempts,
+                "p_now": _instant(now),
+            },
+        )
+        return decode.render_failed(doc)
+
+    def supersede_stale(
+        self, message_id: uuid.UUID, *, reason: str, usage: dict[str, Any], now: datetime
+    ) -> bool:
+        doc = self._rpc(
+            "mq_supersede_stale",
+            {"p_message_id": str(message_id), "p_reason": reason, "p_usage": usage, "p_now": _instant(now)},
+        )
+        return bool(doc)
 
     def release(
         self, message_id: uuid.UUID, token: uuid.UUID, *, error: str, now: datetime, max_attempts: int

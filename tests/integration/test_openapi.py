@@ -33,7 +33,7 @@ from werkzeug.test import TestResponse
 from shared import bootstrap, errors, policy
 from shared.config import Settings
 from shared.dev.sink import SmsSink
-from shared.models import MAX_AGENT_ID, MAX_IDEMPOTENCY_KEY, SCHEDULE_FIELDS, STATUSES, SweepReport
+from shared.models import MAX_AGENT_ID, MAX_IDEMPOTENCY_KEY, MAX_PARTS, SCHEDULE_FIELDS, STATUSES, SweepReport
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.integration.sms_fixtures import TEST_AUTH_TOKEN
@@ -189,7 +189,9 @@ def test_the_request_schema_is_what_schedule_request_parse_enforces() -> None:
     request = resolve(spec, spec["components"]["schemas"]["ScheduleRequest"])
     assert set(request["properties"]) == SCHEDULE_FIELDS
     assert request["additionalProperties"] is False
-    assert set(request["required"]) == {"userId", "agentId", "messageData"}
+    assert set(request["required"]) == {"userId", "agentId"}
+    assert [set(alt["required"]) for alt in request["oneOf"]] == [{"messageData"}, {"sequence"}]
+    assert request["properties"]["sequence"]["maxItems"] == MAX_PARTS
     props = request["properties"]
     assert props["priority"]["allOf"][0]["enum"] == list(policy.PRIORITIES)
     assert props["priority"]["default"] == "medium"
@@ -280,6 +282,7 @@ class Env:
             "messageData": {"content": "Your intro request has been matched!"},
             "priority": "high",
         } | fields
+        body = {k: v for k, v in body.items() if v is not None or k != "messageData"}
         return self.client("schedule_message").post("/", json=body)
 
     def scheduled(self, user: uuid.UUID | None = None, **fields: Any) -> str:
@@ -336,6 +339,7 @@ PROCESS = "/process_queue"
 HEALTH = "/health"
 INBOUND = "/twilio_inbound"
 TWILIO_STATUS = "/twilio_status"
+CANCEL = "/schedule_message/messages/{messageId}/cancel"
 
 
 def _replay(env: Env) -> TestResponse:
@@ -382,6 +386,19 @@ def _dead(call: Callable[[Env], TestResponse]) -> Callable[[Env], TestResponse]:
 
 def _get(message_id: Callable[[Env], str]) -> Callable[[Env], TestResponse]:
     return lambda env: env.client("schedule_message").get(f"/messages/{message_id(env)}")
+
+
+def _cancel(message_id: Callable[[Env], str], **kwargs: Any) -> Callable[[Env], TestResponse]:
+    return lambda env: env.client("schedule_message").post(f"/messages/{message_id(env)}/cancel", **kwargs)
+
+
+PARTS = [{"content": "Great news!"}, {"content": "Sam accepted.", "delaySeconds": 2}]
+
+
+def _sequence(env: Env) -> str:
+    resp = env.schedule(messageData=None, sequence=PARTS, topicKey="intro")
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    return str(resp.get_json()["messageId"])
 
 
 def _sent(env: Env) -> str:
@@ -512,6 +529,24 @@ SCENARIOS = [
         _get(lambda env: env.scheduled(expiresAt="2025-06-09T00:00:00+02:00")),
     ),
     Scenario("status-sent", STATUS, "get", 200, _get(_sent)),
+    Scenario("status-sequence", STATUS, "get", 200, _get(_sequence)),
+    Scenario(
+        "schedule-sequence", SCHEDULE, "post", 201, _schedule(messageData=None, sequence=PARTS, topicKey="t")
+    ),
+    Scenario(
+        "cancel-queued", CANCEL, "post", 200, _cancel(lambda env: env.scheduled(), json={"reason": "done"})
+    ),
+    Scenario("cancel-bad-body", CANCEL, "post", 400, _cancel(lambda env: env.scheduled(), json={"x": 1})),
+    Scenario(
+        "cancel-not-owner",
+        CANCEL,
+        "post",
+        403,
+        _cancel(lambda env: env.scheduled(), json={"agentId": "other"}),
+    ),
+    Scenario("cancel-unknown", CANCEL, "post", 404, _cancel(_new_id)),
+    Scenario("cancel-sent", CANCEL, "post", 409, _cancel(_sent)),
+    Scenario("cancel-database-down", CANCEL, "post", 503, _dead(_cancel(_new_id))),
     Scenario("status-unknown", STATUS, "get", 404, _get(_new_id)),
     Scenario("status-not-a-uuid", STATUS, "get", 400, _get(lambda env: "not-a-uuid")),
     Scenario("status-database-down", STATUS, "get", 503, _dead(_get(_new_id))),
@@ -615,7 +650,9 @@ def test_methods_the_spec_does_not_declare_answer_405_with_an_error_body(env: En
 
 def test_the_function_views_serve_the_spec_paths_without_the_prefix(env: Env) -> None:
     view = function_view(load_spec(), "schedule_message")
-    assert set(view["paths"]) == {"/", "/messages/{messageId}"}
+    assert set(view["paths"]) == {"/", "/messages/{messageId}", "/messages/{messageId}/cancel"}
     message_id = env.scheduled()
-    resp = env.client("schedule_message").get(list(view["paths"])[1].replace("{messageId}", message_id))
+    resp = env.client("schedule_message").get("/messages/{messageId}".replace("{messageId}", message_id))
     assert resp.status_code == 200 and resp.get_json()["messageId"] == message_id
+    cancel = env.client("schedule_message").post(f"/messages/{message_id}/cancel")
+    assert cancel.status_code == 200 and cancel.get_json()["status"] == "cancelled"

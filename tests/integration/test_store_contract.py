@@ -91,6 +91,7 @@ def new_message(
 ) -> NewMessage:
     body: dict[str, Any] = {"userId": str(user_id), "agentId": agent, "messageData": {"content": content}}
     body.update(fields)
+    body = {k: v for k, v in body.items() if v is not None}
     request = ScheduleRequest.parse(body, now=now)
     return NewMessage(request=request, scheduled_for=at or now, reason=reason, now=now)
 
@@ -664,6 +665,60 @@ def _parameter_names(db: psycopg.Connection[Any], function: str) -> set[str]:
     return set(row[0])
 
 
+def test_a_sequence_is_one_row_with_its_parts_recorded_one_by_one(store: AnyStore) -> None:
+    user_id = make_user(store)
+    parts = [{"content": "one"}, {"content": "two", "delaySeconds": 4}, {"content": "three"}]
+    result = store.enqueue(new_message(user_id, messageData=None, sequence=parts))
+    m = result.message
+    assert [(p.position, p.content, p.delay_seconds, p.status) for p in m.parts] == [
+        (1, "one", 1, "pending"),
+        (2, "two", 4, "pending"),
+        (3, "three", 1, "pending"),
+    ]
+    got = claim(store, m.id, T0)
+    assert got.claimed and got.token is not None
+    # Not all parts sent: the message cannot be recorded sent yet.
+    assert not store.record_sent(m.id, got.token, sid="SMx", body="b", now=T0, local_date="2025-06-02")
+    for position in (1, 2, 3):
+        assert store.record_part(m.id, got.token, position=position, sid=f"SMp{position}", now=T0)
+    assert store.record_part(m.id, got.token, position=2, sid="SMp2", now=T0)  # idempotent
+    assert not store.record_part(m.id, got.token, position=2, sid="SMother", now=T0)
+    assert store.record_sent(m.id, got.token, sid="", body="b", now=T0, local_date="2025-06-02")
+    sent = store.get_message(m.id)
+    assert sent is not None and sent.status == "sent" and sent.twilio_message_sid == "SMp3"
+    assert all(p.sent for p in sent.parts)
+    ctx = store.user_context(user_id, T0 + timedelta(seconds=1))
+    assert ctx is not None and len(ctx.history.sends) == 1  # the sequence counts once
+
+
+def test_a_topic_supersedes_only_the_agents_older_queued_messages(store: AnyStore) -> None:
+    user_id = make_user(store)
+    old = enqueue(store, user_id, topicKey="t")
+    other_agent = enqueue(store, user_id, topicKey="t", agent="agent-2")
+    new = store.enqueue(new_message(user_id, topicKey="t"))
+    assert new.superseded == (old,)
+    superseded = store.get_message(old)
+    assert superseded is not None and superseded.status == "superseded"
+    assert superseded.superseded_by == new.message.id
+    assert status_of(store, other_agent) == "queued"
+
+
+def test_cancel(store: AnyStore) -> None:
+    user_id = make_user(store)
+    a = enqueue(store, user_id)
+    assert store.cancel(a, agent_id="someone", reason=None, now=T0).error == "not_owner"
+    done = store.cancel(a, agent_id="agent-1", reason="why", now=T0)
+    assert done.cancelled and not done.already and done.message is not None
+    assert done.message.status == "cancelled" and done.message.last_error == "why"
+    again = store.cancel(a, agent_id=None, reason=None, now=T0)
+    assert again.cancelled and again.already
+    b = send(store, user_id, T0 + timedelta(minutes=5))
+    refused = store.cancel(b, agent_id=None, reason=None, now=T0)
+    assert (refused.cancelled, refused.error, refused.status) == (False, "not_queued", "sent")
+    with pytest.raises(NotFound):
+        store.cancel(uuid.uuid4(), agent_id=None, reason=None, now=T0)
+
+
 def test_claim_is_one_rpc_with_the_sql_parameter_names(
     supabase_store: SupabaseStore, postgrest: PostgrestStandIn
 ) -> None:
@@ -724,6 +779,8 @@ def test_enqueue_sends_jsonb_as_json_and_nulls_explicitly(
         "p_expires_at": None,
         "p_reason": "ok",
         "p_now": "2025-06-02T15:00:00+00:00",
+        "p_topic_key": None,
+        "p_parts": None,
     }
 
 
@@ -755,6 +812,8 @@ def test_every_method_is_exactly_one_rpc_named_like_the_sql_function(
         ("mq_sweep_expire", lambda: s.sweep_expire(T0, limit=5)),
         ("mq_record_sweep", lambda: s.record_sweep("t", T0, T0, {"expired": 0}, None)),
         ("mq_health", lambda: s.health(T0)),
+        ("mq_record_part", lambda: s.record_part(b, token, position=1, sid="SMp", now=T0)),
+        ("mq_cancel", lambda: s.cancel(a, agent_id=None, reason="r", now=T0)),
     ]
     for function, call in calls:
         postgrest.clear()

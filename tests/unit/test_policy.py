@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from itertools import combinations
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from shared.policy import (
+    REASONS,
+    SEVERITY,
     History,
     Limits,
     Reservation,
@@ -17,6 +20,7 @@ from shared.policy import (
     check_now,
     in_quiet_hours,
     local_day_bounds,
+    local_week_bounds,
     plan,
 )
 
@@ -57,9 +61,17 @@ class Case:
     last_in: datetime | None = None
     priority: str = "medium"
     can_delay: bool = True
+    span: timedelta = timedelta(0)
+    blocked_by: tuple[str, ...] | None = None  # checked when given
 
 
 T0 = utc(2025, 6, 10, 12, 0, 0)  # a Tuesday noon, UTC: no quiet hours for a UTC user
+TUE_THU_EVENING: dict[str, Any] = {
+    "preferred_days": frozenset({2, 4}),
+    "preferred_start": time(18),
+    "preferred_end": time(20),
+}
+LATE_EVENING: dict[str, Any] = {"preferred_start": time(21), "preferred_end": time(23)}
 
 CASES = [
     # --- cooldown -------------------------------------------------------------------------------
@@ -659,15 +671,624 @@ CASES = [
         sends=(T0 - 30 * MIN, T0 - 10 * S),
         user=UserSettings(hourly_limit=2),
     ),
+    # --- notifications disabled: only urgent goes out ------------------------------------------
+    Case(
+        "notifications off: medium refused",
+        T0,
+        None,
+        "notifications_disabled",
+        user=UserSettings(notifications_enabled=False),
+    ),
+    Case(
+        "notifications off: high refused",
+        T0,
+        None,
+        "notifications_disabled",
+        user=UserSettings(notifications_enabled=False),
+        priority="high",
+    ),
+    Case(
+        "notifications off: low refused, can_delay False too",
+        T0,
+        None,
+        "notifications_disabled",
+        user=UserSettings(notifications_enabled=False),
+        priority="low",
+        can_delay=False,
+    ),
+    Case(
+        "notifications off: urgent still goes out",
+        T0,
+        T0,
+        "ok",
+        user=UserSettings(notifications_enabled=False),
+        priority="urgent",
+    ),
+    Case(
+        "notifications off: urgent keeps the cooldown",
+        T0,
+        T0 + 20 * S,
+        "cooldown",
+        user=UserSettings(notifications_enabled=False),
+        sends=(T0 - 10 * S,),
+        priority="urgent",
+    ),
+    Case(
+        "notifications off and opted out -> opted_out",
+        T0,
+        None,
+        "opted_out",
+        user=UserSettings(notifications_enabled=False, opted_out=True),
+        priority="urgent",
+    ),
+    # --- weekly limit (the user's local ISO week) -----------------------------------------------
+    Case(
+        "weekly 3: 3 sends this week -> next Monday 00:00, then quiet hours -> 08:00",
+        T0,  # Tuesday 2025-06-10
+        utc(2025, 6, 16, 8),
+        "weekly_limit",
+        user=UserSettings(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 3),
+        blocked_by=("weekly_limit", "quiet_hours"),
+    ),
+    Case(
+        "weekly 3, quiet hours off -> next Monday 00:00",
+        T0,
+        utc(2025, 6, 16),
+        "weekly_limit",
+        user=UserSettings(weekly_limit=3),
+        limits=NO_QUIET,
+        sends=spaced(utc(2025, 6, 9, 10), 3),
+        blocked_by=("weekly_limit",),
+    ),
+    Case(
+        "weekly 3 globally: 3 sends this week -> next Monday 08:00",
+        T0,
+        utc(2025, 6, 16, 8),
+        "weekly_limit",
+        limits=Limits(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 3),
+    ),
+    Case(
+        "weekly: the user's 5 wins over the global 3",
+        T0,
+        T0,
+        "ok",
+        user=UserSettings(weekly_limit=5),
+        limits=Limits(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 3),
+    ),
+    Case(
+        "weekly 3: 2 sends this week -> now",
+        T0,
+        T0,
+        "ok",
+        user=UserSettings(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 2),
+    ),
+    Case(
+        "weekly 3: sends on last Sunday belong to last week",
+        T0,
+        T0,
+        "ok",
+        user=UserSettings(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 8, 20), 3),
+    ),
+    Case(
+        "weekly 10 and daily 10 both spent: the week is checked first and explains it",
+        T0,
+        utc(2025, 6, 16, 8),
+        "weekly_limit",
+        user=UserSettings(weekly_limit=10),
+        sends=spaced(utc(2025, 6, 10, 5), 10),
+        blocked_by=("weekly_limit", "quiet_hours"),
+    ),
+    Case(
+        "weekly Tokyo: a send at 23:59:59 JST Sunday belongs to the previous week",
+        T0,  # 21:00 JST
+        T0,
+        "ok",
+        user=UserSettings(timezone="Asia/Tokyo", weekly_limit=1),
+        sends=(utc(2025, 6, 8, 14, 59, 59),),
+    ),
+    Case(
+        "weekly Tokyo: a send at 00:00 JST Monday counts -> next Tokyo Monday 08:00 = 23:00 UTC",
+        T0,
+        utc(2025, 6, 15, 23),
+        "weekly_limit",
+        user=UserSettings(timezone="Asia/Tokyo", weekly_limit=1),
+        sends=(utc(2025, 6, 8, 15),),
+    ),
+    Case(
+        "weekly NY: the DST week ends at Monday 00:00 EDT = 04:00 UTC",
+        loc("America/New_York", 2025, 3, 9, 20),
+        utc(2025, 3, 10, 4),
+        "weekly_limit",
+        user=UserSettings(timezone="America/New_York", weekly_limit=2),
+        limits=NO_QUIET,
+        sends=(loc("America/New_York", 2025, 3, 3, 0), loc("America/New_York", 2025, 3, 5, 12)),
+    ),
+    Case(
+        "weekly: urgent keeps the weekly budget, then ignores quiet hours at Monday 00:00",
+        T0,
+        utc(2025, 6, 16),
+        "weekly_limit",
+        user=UserSettings(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 3),
+        priority="urgent",
+    ),
+    Case(
+        "weekly: queued reservations of the lane count",
+        T0,
+        utc(2025, 6, 16, 8),
+        "weekly_limit",
+        user=UserSettings(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 2),
+        reservations=(Reservation(T0 + 3 * H, "medium"),),
+    ),
+    Case(
+        "weekly: high is not held back by a queued low message",
+        T0,
+        T0,
+        "ok",
+        user=UserSettings(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 2),
+        reservations=(Reservation(T0 + 3 * H, "low"),),
+        priority="high",
+    ),
+    Case(
+        "weekly: can_delay False counts sends only",
+        T0,
+        T0,
+        "ok",
+        user=UserSettings(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 2),
+        reservations=(Reservation(T0 + 3 * H, "urgent"),),
+        can_delay=False,
+    ),
+    Case(
+        "weekly 1: a reservation at next Monday 00:00 belongs to next week",
+        utc(2025, 6, 15, 12),
+        utc(2025, 6, 15, 12),
+        "ok",
+        user=UserSettings(weekly_limit=1),
+        reservations=(Reservation(utc(2025, 6, 16)),),
+    ),
+    Case(
+        "weekly 1: a reservation at Sunday 23:59:59 fills this week -> Monday 08:00",
+        utc(2025, 6, 15, 12),
+        utc(2025, 6, 16, 8),
+        "weekly_limit",
+        user=UserSettings(weekly_limit=1),
+        reservations=(Reservation(utc(2025, 6, 15, 23, 59, 59)),),
+    ),
+    Case(
+        "weekly: no low reserve on the week",
+        T0,
+        T0,
+        "ok",
+        user=UserSettings(weekly_limit=3),
+        sends=spaced(utc(2025, 6, 9, 10), 2),
+        priority="low",
+    ),
+    # --- the preferred window (medium and low that can wait) ------------------------------------
+    Case(
+        "window Tue/Thu 18-20 Berlin: medium asked Monday 10:00 -> Tuesday 18:00",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 18),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+        blocked_by=("preferred_window",),
+    ),
+    Case(
+        "window Tue/Thu 18-20 Berlin: low too",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 18),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+        priority="low",
+    ),
+    Case(
+        "window: high ignores it",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+        priority="high",
+    ),
+    Case(
+        "window: urgent ignores it",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+        priority="urgent",
+    ),
+    Case(
+        "window: can_delay False ignores it (earliest hard-allowed time)",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+        priority="low",
+        can_delay=False,
+    ),
+    Case(
+        "window: Tuesday 19:00 is inside -> now",
+        loc("Europe/Berlin", 2025, 6, 10, 19),
+        loc("Europe/Berlin", 2025, 6, 10, 19),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+    ),
+    Case(
+        "window: Tuesday 20:00 has closed -> Thursday 18:00",
+        loc("Europe/Berlin", 2025, 6, 10, 20),
+        loc("Europe/Berlin", 2025, 6, 12, 18),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+    ),
+    Case(
+        "window: Thursday 20:30 -> next Tuesday 18:00",
+        loc("Europe/Berlin", 2025, 6, 12, 20, 30),
+        loc("Europe/Berlin", 2025, 6, 17, 18),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+    ),
+    Case(
+        "window: hours only, 18-20 every day -> 18:00 today",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 9, 18),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", preferred_start=time(18), preferred_end=time(20)),
+    ),
+    Case(
+        "window: days only (weekend), asked Friday noon -> Saturday 00:00, quiet hours -> 08:00",
+        loc("Europe/Berlin", 2025, 6, 13, 12),
+        loc("Europe/Berlin", 2025, 6, 14, 8),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", preferred_days=frozenset({6, 7})),
+        blocked_by=("preferred_window", "quiet_hours"),
+    ),
+    Case(
+        "window: weekend, asked Sunday 23:00 -> quiet until Monday 08:00 -> Saturday 08:00",
+        loc("Europe/Berlin", 2025, 6, 15, 23),
+        loc("Europe/Berlin", 2025, 6, 21, 8),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", preferred_days=frozenset({6, 7})),
+        blocked_by=("quiet_hours", "preferred_window"),
+    ),
+    Case(
+        "window: start == end is the whole day, Tuesday only -> Tuesday 00:00, quiet -> 08:00",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 8),
+        "preferred_window",
+        user=UserSettings(
+            timezone="Europe/Berlin",
+            preferred_days=frozenset({2}),
+            preferred_start=time(18),
+            preferred_end=time(18),
+        ),
+    ),
+    Case(
+        "window: only a start -> no time range, no days -> no window",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", preferred_start=time(18)),
+    ),
+    Case(
+        "window: empty preferred_days never opens -> treated as no window",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        "ok",
+        user=UserSettings(
+            timezone="Europe/Berlin",
+            preferred_days=frozenset(),
+            preferred_start=time(18),
+            preferred_end=time(20),
+        ),
+    ),
+    Case(
+        "window: no valid ISO weekday -> no window",
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        loc("Europe/Berlin", 2025, 6, 9, 10),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", preferred_days=frozenset({0, 8})),
+    ),
+    Case(
+        "window 21-23 with quiet hours from 22: asked 10:00 -> 21:00 today",
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 21),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", **LATE_EVENING),
+    ),
+    Case(
+        "window 21-23 with quiet hours from 22: asked 22:30 -> quiet -> 08:00 -> 21:00 tomorrow",
+        loc("Europe/Berlin", 2025, 6, 10, 22, 30),
+        loc("Europe/Berlin", 2025, 6, 11, 21),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", **LATE_EVENING),
+        blocked_by=("quiet_hours", "preferred_window"),
+    ),
+    Case(
+        "window 21-23, quiet from 22: a 60 s sequence at 21:59:30 ends in quiet -> 21:00 tomorrow",
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 11, 21),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", **LATE_EVENING),
+        span=MIN,
+        blocked_by=("quiet_hours", "preferred_window"),
+    ),
+    Case(
+        "window wrapping 23-09 under quiet 22-08: asked 10:00 -> 23:00 is quiet -> 08:00",
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        loc("Europe/Berlin", 2025, 6, 11, 8),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", preferred_start=time(23), preferred_end=time(9)),
+        blocked_by=("preferred_window", "quiet_hours"),
+    ),
+    Case(
+        "window wrapping 23-09 under quiet 22-08: asked 07:00 -> 08:00 (quiet hours only)",
+        loc("Europe/Berlin", 2025, 6, 11, 7),
+        loc("Europe/Berlin", 2025, 6, 11, 8),
+        "quiet_hours",
+        user=UserSettings(timezone="Europe/Berlin", preferred_start=time(23), preferred_end=time(9)),
+        blocked_by=("quiet_hours",),
+    ),
+    Case(
+        "window wrapping 23-09 without quiet hours: asked 10:00 -> 23:00",
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 23),
+        "preferred_window",
+        user=UserSettings(
+            timezone="Europe/Berlin",
+            preferred_start=time(23),
+            preferred_end=time(9),
+            quiet_hours_enabled=False,
+        ),
+    ),
+    Case(
+        "window wrapping 23-09, Wednesdays only: Wednesday 00:00-09:00 is in, Thursday's is not",
+        loc("Europe/Berlin", 2025, 6, 12, 1),  # Thursday 01:00
+        loc("Europe/Berlin", 2025, 6, 18, 0),  # next Wednesday 00:00
+        "preferred_window",
+        user=UserSettings(
+            timezone="Europe/Berlin",
+            preferred_days=frozenset({3}),
+            preferred_start=time(23),
+            preferred_end=time(9),
+            quiet_hours_enabled=False,
+        ),
+    ),
+    Case(
+        "window 22:30-23:30 lies wholly in quiet hours -> ignored rather than never sending",
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", preferred_start=time(22, 30), preferred_end=time(23, 30)),
+    ),
+    Case(
+        "window 22:30-23:30 with the user's quiet hours off -> 22:30",
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 22, 30),
+        "preferred_window",
+        user=UserSettings(
+            timezone="Europe/Berlin",
+            preferred_start=time(22, 30),
+            preferred_end=time(23, 30),
+            quiet_hours_enabled=False,
+        ),
+    ),
+    Case(
+        "window 21:59-22:30 leaves one free minute before quiet hours: enough for a single SMS",
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", preferred_start=time(21, 59), preferred_end=time(22, 30)),
+    ),
+    Case(
+        "window 21:59-22:30: a 60 s sequence cannot fit in the free minute -> window ignored",
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        loc("Europe/Berlin", 2025, 6, 10, 10),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", preferred_start=time(21, 59), preferred_end=time(22, 30)),
+        span=MIN,
+    ),
+    Case(
+        "window Tue/Wed: a spent daily budget on Tuesday explains the wait to Wednesday 08:00",
+        T0,
+        utc(2025, 6, 11, 8),
+        "daily_limit",
+        user=UserSettings(preferred_days=frozenset({2, 3})),
+        sends=spaced(utc(2025, 6, 10, 5), 10),
+        blocked_by=("daily_limit", "quiet_hours"),
+    ),
+    Case(
+        "window: the active-user exception does not open it",
+        T0,
+        utc(2025, 6, 10, 18),
+        "preferred_window",
+        user=UserSettings(preferred_start=time(18), preferred_end=time(20)),
+        last_in=T0 - 5 * MIN,
+    ),
+    Case(
+        "window NY spring: Sunday 02:00-04:00 opens when the clock jumps to 03:00 EDT = 07:00 UTC",
+        loc("America/New_York", 2025, 3, 8, 12),
+        utc(2025, 3, 9, 7),
+        "preferred_window",
+        user=UserSettings(
+            timezone="America/New_York",
+            preferred_days=frozenset({7}),
+            preferred_start=time(2),
+            preferred_end=time(4),
+        ),
+        limits=NO_QUIET,
+    ),
+    Case(
+        "window NY fall: 01:10-01:30 missed at 01:45 EDT reopens at 01:10 EST = 06:10 UTC",
+        utc(2025, 11, 2, 5, 45),
+        utc(2025, 11, 2, 6, 10),
+        "preferred_window",
+        user=UserSettings(
+            timezone="America/New_York", preferred_start=time(1, 10), preferred_end=time(1, 30)
+        ),
+        limits=NO_QUIET,
+    ),
+    # --- sequences: [t, t + span] on one local day, its end outside quiet hours ------------------
+    Case(
+        "span: a 60 s sequence at 21:59:30 Berlin would end in quiet hours -> 08:00",
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 11, 8),
+        "quiet_hours",
+        user=UserSettings(timezone="Europe/Berlin"),
+        span=MIN,
+        blocked_by=("quiet_hours",),
+    ),
+    Case(
+        "span: a 30 s sequence at 21:59:30 ends at 22:00:00, which is quiet -> 08:00",
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 11, 8),
+        "quiet_hours",
+        user=UserSettings(timezone="Europe/Berlin"),
+        span=30 * S,
+    ),
+    Case(
+        "span: a 29 s sequence at 21:59:30 ends at 21:59:59 -> now",
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin"),
+        span=29 * S,
+    ),
+    Case(
+        "span: the user active at the start -> quiet hours do not apply to the end either",
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin"),
+        last_in=loc("Europe/Berlin", 2025, 6, 10, 21, 55),
+        span=MIN,
+    ),
+    Case(
+        "span: active at the start (until 21:59:45) is what counts, not at the end",
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin"),
+        last_in=loc("Europe/Berlin", 2025, 6, 10, 21, 49, 45),
+        span=MIN,
+    ),
+    Case(
+        "span: a quiet period shorter than the span -> the first start whose end is clear of it",
+        utc(2025, 6, 10, 21, 58, 30),  # ends 22:00:30, in quiet 22:00-22:01
+        utc(2025, 6, 10, 21, 59),  # ends 22:01:00; only the end is checked, not the parts between
+        "quiet_hours",
+        user=UserSettings(quiet_hours_start=time(22), quiet_hours_end=time(22, 1)),
+        span=2 * MIN,
+    ),
+    Case(
+        "span: urgent ignores quiet hours at the end too",
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 10, 21, 59, 30),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin"),
+        priority="urgent",
+        span=MIN,
+    ),
+    Case(
+        "span: quiet hours off, a sequence across local midnight moves to 00:00",
+        utc(2025, 6, 10, 23, 59, 30),
+        utc(2025, 6, 11),
+        "sequence_span",
+        limits=NO_QUIET,
+        span=MIN,
+        blocked_by=("sequence_span",),
+    ),
+    Case(
+        "span: ending at 00:00:00 is already the next day",
+        utc(2025, 6, 10, 23, 59),
+        utc(2025, 6, 11),
+        "sequence_span",
+        limits=NO_QUIET,
+        span=MIN,
+    ),
+    Case(
+        "span: ending at 23:59:59 -> now",
+        utc(2025, 6, 10, 23, 58, 59),
+        utc(2025, 6, 10, 23, 58, 59),
+        "ok",
+        limits=NO_QUIET,
+        span=MIN,
+    ),
+    Case(
+        "span: urgent is never split across days either",
+        utc(2025, 6, 10, 23, 59, 30),
+        utc(2025, 6, 11),
+        "sequence_span",
+        priority="urgent",
+        span=MIN,
+    ),
+    Case(
+        "span Tokyo: the day ends at Tokyo midnight = 15:00 UTC",
+        utc(2025, 6, 10, 14, 59, 30),
+        utc(2025, 6, 10, 15),
+        "sequence_span",
+        user=UserSettings(timezone="Asia/Tokyo"),
+        limits=NO_QUIET,
+        span=MIN,
+    ),
+    Case(
+        "span: within a day nothing changes",
+        T0,
+        T0,
+        "ok",
+        span=5 * MIN,
+    ),
+    Case(
+        "span: cooldown is still counted from the start",
+        T0,
+        T0 + 20 * S,
+        "cooldown",
+        sends=(T0 - 10 * S,),
+        span=5 * MIN,
+    ),
+    Case(
+        "span: a sequence at 19:59:30 Tuesday would end after the window -> Thursday 18:00",
+        loc("Europe/Berlin", 2025, 6, 10, 19, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 12, 18),
+        "preferred_window",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+        span=MIN,
+        blocked_by=("preferred_window",),
+    ),
+    Case(
+        "span: a sequence at 19:58:59 Tuesday ends at 19:59:59 -> now",
+        loc("Europe/Berlin", 2025, 6, 10, 19, 58, 59),
+        loc("Europe/Berlin", 2025, 6, 10, 19, 58, 59),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+        span=MIN,
+    ),
+    Case(
+        "span: high ignores the window at the end as well",
+        loc("Europe/Berlin", 2025, 6, 10, 19, 59, 30),
+        loc("Europe/Berlin", 2025, 6, 10, 19, 59, 30),
+        "ok",
+        user=UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING),
+        span=MIN,
+        priority="high",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_plan_table(case: Case) -> None:
     history = History(sends=case.sends, reservations=case.reservations, last_inbound_at=case.last_in)
-    d = plan(case.user, case.limits, history, case.now, case.priority, case.can_delay)
+    d = plan(case.user, case.limits, history, case.now, case.priority, case.can_delay, span=case.span)
     assert (d.at, d.reason) == (case.at, case.reason)
-    assert d.reason in ("ok", "opted_out") or d.reason in d.blocked_by
+    if case.blocked_by is not None:
+        assert d.blocked_by == case.blocked_by
+    assert d.reason in ("ok", "opted_out", "notifications_disabled") or d.reason in d.blocked_by
     assert d.now == case.now
     assert d.allowed_now == (case.at == case.now)
     if d.at is not None:
@@ -841,3 +1462,84 @@ def test_local_day_bounds(
 ) -> None:
     d, s, e = local_day_bounds(tz, at)
     assert (d.timetuple()[:3], s, e) == (day, start, end)
+
+
+@pytest.mark.parametrize(
+    ("tz", "at", "start", "end"),
+    [
+        # Tuesday noon UTC: Monday 2025-06-09 00:00 to Monday 2025-06-16 00:00
+        ("UTC", T0, utc(2025, 6, 9), utc(2025, 6, 16)),
+        ("UTC", utc(2025, 6, 15, 23, 59, 59), utc(2025, 6, 9), utc(2025, 6, 16)),
+        ("UTC", utc(2025, 6, 16), utc(2025, 6, 16), utc(2025, 6, 23)),
+        # the week holding 2025-03-09 (spring forward, a Sunday) is 167 hours long
+        ("America/New_York", utc(2025, 3, 9, 12), utc(2025, 3, 3, 5), utc(2025, 3, 10, 4)),
+        ("America/New_York", utc(2025, 3, 10, 3, 59, 59), utc(2025, 3, 3, 5), utc(2025, 3, 10, 4)),
+        ("America/New_York", utc(2025, 3, 10, 4), utc(2025, 3, 10, 4), utc(2025, 3, 17, 4)),
+        # the week holding 2025-11-02 (fall back) is 169 hours long
+        ("America/New_York", utc(2025, 11, 2, 12), utc(2025, 10, 27, 4), utc(2025, 11, 3, 5)),
+        # Kolkata is UTC+05:30: Sunday 23:30 IST is still last week, Monday 00:30 IST is this one
+        ("Asia/Kolkata", utc(2025, 6, 15, 18), utc(2025, 6, 8, 18, 30), utc(2025, 6, 15, 18, 30)),
+        ("Asia/Kolkata", utc(2025, 6, 15, 19), utc(2025, 6, 15, 18, 30), utc(2025, 6, 22, 18, 30)),
+        # a year's first ISO week may begin in December
+        ("Asia/Tokyo", utc(2025, 1, 1, 3), utc(2024, 12, 29, 15), utc(2025, 1, 5, 15)),
+    ],
+)
+def test_local_week_bounds(tz: str, at: datetime, start: datetime, end: datetime) -> None:
+    assert local_week_bounds(tz, at) == (start, end)
+    assert local_week_bounds(tz, at.astimezone(TOKYO)) == (start, end)
+    assert start.astimezone(ZoneInfo(tz)).isoweekday() == 1
+
+
+def test_user_settings_limits_merges_the_weekly_limit() -> None:
+    assert UserSettings().limits(Limits()).weekly_limit is None
+    assert UserSettings().limits(Limits(weekly_limit=20)).weekly_limit == 20
+    assert UserSettings(weekly_limit=5).limits(Limits()).weekly_limit == 5
+    assert UserSettings(weekly_limit=5).limits(Limits(weekly_limit=20)).weekly_limit == 5
+    defaults = Limits(cooldown_seconds=45)
+    assert (
+        UserSettings(notifications_enabled=False, preferred_days=frozenset({1})).limits(defaults) == defaults
+    )
+
+
+def test_every_rule_has_an_explanation_and_the_severity_order_is_the_documented_one() -> None:
+    assert set(SEVERITY) <= set(REASONS)
+    assert sorted(SEVERITY, key=SEVERITY.__getitem__) == [
+        "sequence_span",
+        "cooldown",
+        "hourly_limit",
+        "quiet_hours",
+        "preferred_window",
+        "low_priority_reserve",
+        "daily_limit",
+        "weekly_limit",
+    ]
+    assert "notifications_disabled" in REASONS and "notifications_disabled" not in SEVERITY
+
+
+def test_negative_span_is_rejected() -> None:
+    with pytest.raises(ValueError, match="span"):
+        plan(UserSettings(), DEFAULTS, History(), T0, span=-S)
+
+
+def test_check_now_keeps_notifications_the_window_the_week_and_the_span() -> None:
+    user = UserSettings(timezone="Europe/Berlin", **TUE_THU_EVENING)
+    d = check_now(user, DEFAULTS, History(), loc("Europe/Berlin", 2025, 6, 9, 10))
+    assert (d.at, d.reason) == (loc("Europe/Berlin", 2025, 6, 10, 18), "preferred_window")
+    d = check_now(user, DEFAULTS, History(), loc("Europe/Berlin", 2025, 6, 9, 10), "high")
+    assert d.allowed_now
+    d = check_now(user, DEFAULTS, History(), loc("Europe/Berlin", 2025, 6, 10, 19, 59, 30), span=MIN)
+    assert (d.at, d.reason) == (loc("Europe/Berlin", 2025, 6, 12, 18), "preferred_window")
+    d = check_now(UserSettings(notifications_enabled=False), DEFAULTS, History(), T0)
+    assert (d.at, d.reason, d.allowed_now) == (None, "notifications_disabled", False)
+    assert check_now(UserSettings(notifications_enabled=False), DEFAULTS, History(), T0, "urgent").allowed_now
+    weekly = UserSettings(weekly_limit=2)
+    history = History(sends=spaced(utc(2025, 6, 9, 10), 1), reservations=(Reservation(T0 + H),))
+    assert plan(weekly, DEFAULTS, history, T0).reason == "weekly_limit"
+    assert check_now(weekly, DEFAULTS, history, T0).allowed_now  # reservations do not count when due
+
+
+def test_five_medium_messages_queued_for_a_window_are_spread_inside_it() -> None:
+    ats = queue(5, loc("Europe/Berlin", 2025, 6, 9, 10), timezone="Europe/Berlin", **TUE_THU_EVENING)
+    six = loc("Europe/Berlin", 2025, 6, 10, 18)
+    assert ats == [six, six + 30 * S, six + H, six + H + 30 * S, loc("Europe/Berlin", 2025, 6, 12, 18)]
+    assert_spread(ats, timedelta(seconds=30), 2)

@@ -3,6 +3,10 @@
 Every instant is a whole second, so "no earlier instant is allowed" can be checked exactly: every
 second before the plan when it is close, otherwise every instant where some rule could change its
 verdict (and the seconds either side) plus a few hundred random seconds.
+
+The scenarios cover every rule: weekly limits (sends of the last 8 days), preferred windows (days,
+hours, both, half-set, empty, wrapping midnight, in DST gaps, inside quiet hours), notifications
+turned off, and multi-part sequences with a span of up to 5 minutes.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from random import Random
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, event, given, settings
@@ -106,6 +111,11 @@ class Scenario:
     last_in: datetime | None
     priority: str
     can_delay: bool
+    span: int = 0  # seconds from the first part of the message to the last
+
+    @property
+    def delta(self) -> timedelta:
+        return timedelta(seconds=self.span)
 
     @property
     def history(self) -> History:
@@ -117,7 +127,7 @@ class Scenario:
 
     def oracle(self, with_reservations: bool = True) -> Oracle:
         res = self.reservations if with_reservations else ()
-        return Oracle(self.rules, self.sends, res, self.last_in, self.priority, self.can_delay)
+        return Oracle(self.rules, self.sends, res, self.last_in, self.priority, self.can_delay, self.span)
 
 
 @st.composite
@@ -133,6 +143,22 @@ def quiet_windows(draw: st.DrawFn, tz: str) -> tuple[time, time]:
     return start, (datetime.combine(date.min, start) + length).time()
 
 
+DAY_SETS = [frozenset(), frozenset({0, 8}), frozenset(range(1, 6)), frozenset({6, 7}), frozenset(range(1, 8))]
+
+
+@st.composite
+def preferred_windows(draw: st.DrawFn, tz: str) -> dict[str, Any]:
+    """The user's preferred window: often none, else days and/or hours, sometimes degenerate."""
+    if draw(st.integers(0, 4)) == 0:
+        return {}
+    days = draw(st.none() | st.frozensets(st.integers(1, 7), min_size=1) | st.sampled_from(DAY_SETS))
+    start, end = draw(quiet_windows(tz))
+    start_or_none, end_or_none = draw(
+        st.sampled_from([(start, end)] * 4 + [(None, None), (start, None), (None, end)])
+    )
+    return {"preferred_days": days, "preferred_start": start_or_none, "preferred_end": end_or_none}
+
+
 @st.composite
 def users(draw: st.DrawFn) -> UserSettings:
     tz = draw(st.sampled_from(TIMEZONES))
@@ -140,6 +166,9 @@ def users(draw: st.DrawFn) -> UserSettings:
     if draw(st.booleans()):  # the global default, or only one end overridden
         start, end = draw(st.sampled_from([(None, None), (start, None), (None, end)]))
     return UserSettings(
+        **draw(preferred_windows(tz)),
+        notifications_enabled=draw(st.integers(0, 9)) > 0,
+        weekly_limit=draw(st.none() | st.none() | st.integers(1, 12)),
         timezone=tz,
         quiet_hours_start=start,
         quiet_hours_end=end,
@@ -161,6 +190,7 @@ def limits(draw: st.DrawFn, tz: str) -> Limits:
         quiet_hours_enabled=draw(st.integers(0, 19)) > 0,
         active_window_seconds=draw(st.sampled_from([0, 600, 600, 1800])),
         low_daily_reserve=draw(st.integers(0, 4)),
+        weekly_limit=draw(st.none() | st.integers(2, 20)),
     )
 
 
@@ -180,11 +210,24 @@ def offsets(max_s: int) -> st.SearchStrategy[int]:
     return st.one_of(st.integers(0, 120), st.integers(0, HOUR_S), st.integers(0, max_s))
 
 
+# A sequence's span: mostly a single SMS, else up to 5 minutes (often the cooldown's 30 s).
+spans = st.one_of(st.just(0), st.just(0), st.integers(1, 300), st.sampled_from([30, 60, 120]))
+
+
 @st.composite
 def scenarios(draw: st.DrawFn, max_sends: int = 10, max_reservations: int = 8) -> Scenario:
     user = draw(users())
+    lims = draw(limits(user.timezone))
     now = draw(instants(user.timezone))
-    sends = draw(st.lists(offsets(30 * HOUR_S), max_size=max_sends))
+    span = draw(spans)
+    if draw(st.integers(0, 2)) == 0:  # just before a wall time where a rule changes, on that day
+        rules = Rules.of(user, lims)
+        edges = [time(0), time(0), rules.quiet_start, rules.quiet_end, rules.pref_start, rules.pref_end]
+        z = ZoneInfo(user.timezone)
+        wall = draw(st.sampled_from([t for t in edges if t is not None]))
+        at = datetime.combine(now.astimezone(z).date(), wall, tzinfo=z)
+        now = from_epoch(epoch(at) - draw(st.integers(0, 600) | st.integers(0, span + 1)))
+    sends = draw(st.lists(offsets(30 * HOUR_S) | st.integers(0, 8 * 24 * HOUR_S), max_size=max_sends))
     res = draw(
         st.lists(
             st.tuples(st.integers(-600, 0) | offsets(36 * HOUR_S), st.sampled_from(PRIORITIES)),
@@ -197,18 +240,30 @@ def scenarios(draw: st.DrawFn, max_sends: int = 10, max_reservations: int = 8) -
     now = now.astimezone(shown_in)
     return Scenario(
         user=user,
-        limits=draw(limits(user.timezone)),
+        limits=lims,
         now=now,
         sends=tuple(sorted(from_epoch(epoch(now) - s).astimezone(shown_in) for s in sends)),
         reservations=tuple(Reservation(from_epoch(epoch(now) + o).astimezone(shown_in), p) for o, p in res),
         last_in=None if last_in is None else from_epoch(epoch(now) - last_in).astimezone(shown_in),
-        priority=draw(st.sampled_from(PRIORITIES)),
-        can_delay=draw(st.booleans()),
+        # medium and low more often: they are the lanes the preferred window applies to
+        priority=draw(st.sampled_from((*PRIORITIES, "medium", "low"))),
+        can_delay=draw(st.integers(0, 3)) > 0,
+        span=span,
     )
 
 
 def iso(e: int, tz: ZoneInfo) -> str:
     return from_epoch(e).astimezone(tz).isoformat()
+
+
+def no_slot(d: Decision, rules: Rules, priority: str, span: int) -> bool:
+    """The plan found no slot: only allowed when quiet hours leave no room for the sequence."""
+    if d.at is not None:
+        return False
+    assert d.reason == "no_slot", d
+    assert rules.sequence_never_fits(priority, span), d
+    event("no slot: the sequence never fits outside quiet hours")
+    return True
 
 
 def assert_reason(d: Decision, oracle: Oracle, now: int) -> None:
@@ -230,10 +285,16 @@ def assert_reason(d: Decision, oracle: Oracle, now: int) -> None:
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.randoms(use_true_random=False))
 def test_plan_is_the_earliest_allowed_instant(sc: Scenario, rnd: Random) -> None:
-    d = plan(sc.user, sc.limits, sc.history, sc.now, sc.priority, sc.can_delay)
+    d = plan(sc.user, sc.limits, sc.history, sc.now, sc.priority, sc.can_delay, span=sc.delta)
+    if sc.rules.refused(sc.priority):
+        assert (d.at, d.reason, d.blocked_by) == (None, "notifications_disabled", ())
+        return
     oracle = sc.oracle()
     now = epoch(sc.now)
-    assert d.at is not None
+    event(f"preferred window: {'yes' if oracle.windowed else 'no'}")
+    event(f"sequence: {'yes' if sc.span else 'no'}")
+    if no_slot(d, sc.rules, sc.priority, sc.span):
+        return
     assert d.at.microsecond == 0
     at = epoch(d.at)
     tz = oracle.tz
@@ -242,6 +303,8 @@ def test_plan_is_the_earliest_allowed_instant(sc: Scenario, rnd: Random) -> None
     assert_reason(d, oracle, now)
     assert d.allowed_now == (at == now)
     event(f"reason: {d.reason}")
+    for rule in d.blocked_by:
+        event(f"met: {rule}")
     if any(now <= b <= at for b in TRANSITIONS[sc.user.timezone]):
         event("plan crosses a DST transition")
     event(f"planned: {'now' if at == now else 'within 2 h' if at - now <= BRUTE_FORCE_SPAN else 'later'}")
@@ -261,10 +324,15 @@ def test_plan_is_the_earliest_allowed_instant(sc: Scenario, rnd: Random) -> None
 @settings(max_examples=400, deadline=None)
 @given(scenarios())
 def test_check_now_agrees_with_the_oracle_without_reservations(sc: Scenario) -> None:
-    d = check_now(sc.user, sc.limits, sc.history, sc.now, sc.priority, sc.can_delay)
+    d = check_now(sc.user, sc.limits, sc.history, sc.now, sc.priority, sc.can_delay, span=sc.delta)
+    if sc.rules.refused(sc.priority):
+        assert (d.at, d.reason, d.allowed_now) == (None, "notifications_disabled", False)
+        return
     oracle = sc.oracle(with_reservations=False)
     now = epoch(sc.now)
     assert d.allowed_now == oracle.allowed(now), oracle.violations(now)
+    if no_slot(d, sc.rules, sc.priority, sc.span):
+        return
     assert_reason(d, oracle, now)
     assert d.at is not None
     assert oracle.allowed(epoch(d.at))
@@ -279,15 +347,21 @@ class Planned:
     priority: str
     can_delay: bool
     last_in: int | None
+    span: int = 0
 
 
 def assert_schedule_keeps_the_rules(rules: Rules, initial: list[int], new: list[Planned]) -> None:
-    """Each new message, against all others: cooldown, every hour holding it, its local day, quiet
-    hours; and a low message was at most the day's cap-th when it was planned (planning order)."""
+    """Each new message, against all others: cooldown, every hour holding it, its local day and
+    week, quiet hours; a low message was at most the day's cap-th when it was planned (planning
+    order); and its sequence keeps to one day, out of quiet hours and inside the preferred window."""
     tz = ZoneInfo(rules.tz)
 
-    def day(e: int) -> object:
+    def day(e: int) -> date:
         return from_epoch(e).astimezone(tz).date()
+
+    def week(e: int) -> tuple[int, int]:
+        year, number, _ = day(e).isocalendar()
+        return year, number
 
     everything = initial + [m.at for m in new]
     for k, m in enumerate(new):
@@ -302,10 +376,24 @@ def assert_schedule_keeps_the_rules(rules: Rules, initial: list[int], new: list[
         assert same_day <= rules.daily, f"{label}: {same_day} on its local day"
         before = sum(1 for p in everything[: len(initial) + k] if day(p) == day(s))
         assert before < rules.day_cap(m.priority, m.can_delay), f"{label}: {before} before it"
+        if rules.weekly is not None:
+            same_week = sum(1 for p in everything if week(p) == week(s))
+            assert same_week <= rules.weekly, f"{label}: {same_week} in its local week"
+            before = sum(1 for p in everything[: len(initial) + k] if week(p) == week(s))
+            assert before < rules.weekly, f"{label}: {before} in its week before it"
+        active = m.last_in is not None and m.last_in <= s < m.last_in + rules.active
         if m.priority != "urgent" and rules.quiet_on:
-            active = m.last_in is not None and m.last_in <= s < m.last_in + rules.active
             wall = from_epoch(s).astimezone(tz).time()
             assert active or not quiet_at(wall, rules.quiet_start, rules.quiet_end), f"{label}: quiet"
+        end = s + m.span
+        assert day(end) == day(s), f"{label}: its sequence ends on another day"
+        if m.priority != "urgent" and rules.quiet_on:
+            wall = from_epoch(end).astimezone(tz).time()
+            assert active or not quiet_at(wall, rules.quiet_start, rules.quiet_end), f"{label}: ends quiet"
+        # The time-of-day rules as the oracle states them (no points: no budget can fire).
+        last_in = None if m.last_in is None else from_epoch(m.last_in)
+        alone = Oracle(rules, (), (), last_in, m.priority, m.can_delay, m.span)
+        assert not alone.violations(s), f"{label}: {alone.violations(s)}"
 
 
 messages = st.lists(
@@ -314,6 +402,7 @@ messages = st.lists(
         st.booleans(),  # can_delay
         st.one_of(st.just(0), st.integers(0, 120), st.integers(0, 3 * HOUR_S)),  # created later by
         st.integers(0, 5),  # 0: the user wrote to us just before this message
+        spans,
     ),
     min_size=1,
     max_size=10,
@@ -323,39 +412,54 @@ messages = st.lists(
 @settings(max_examples=120, deadline=None)
 @given(scenarios(max_reservations=0), messages)
 def test_sending_at_each_planned_instant_never_breaks_a_limit(
-    sc: Scenario, msgs: list[tuple[str, bool, int, int]]
+    sc: Scenario, msgs: list[tuple[str, bool, int, int, int]]
 ) -> None:
     sends = list(sc.sends)
     now = sc.now
     last_in = sc.last_in
     new: list[Planned] = []
-    for priority, can_delay, later, wrote in msgs:
+    for priority, can_delay, later, wrote, span in msgs:
         now = from_epoch(epoch(now) + later)
         if wrote == 0:
             last_in = now
-        d = plan(
-            sc.user, sc.limits, History(sends=tuple(sends), last_inbound_at=last_in), now, priority, can_delay
-        )
+        history = History(sends=tuple(sends), last_inbound_at=last_in)
+        d = plan(sc.user, sc.limits, history, now, priority, can_delay, span=timedelta(seconds=span))
+        if sc.rules.refused(priority):
+            assert (d.at, d.reason) == (None, "notifications_disabled")
+            continue
+        if no_slot(d, sc.rules, priority, span):
+            continue
         assert d.at is not None and d.at >= now
         sends.append(d.at)
-        new.append(Planned(epoch(d.at), priority, can_delay, None if last_in is None else epoch(last_in)))
+        last = None if last_in is None else epoch(last_in)
+        new.append(Planned(epoch(d.at), priority, can_delay, last, span))
         now = d.at  # it goes out at the planned instant; the clock moves there
     assert_schedule_keeps_the_rules(sc.rules, [epoch(s) for s in sc.sends], new)
 
 
 @settings(max_examples=120, deadline=None)
-@given(scenarios(max_reservations=0), st.lists(st.sampled_from(PRIORITIES), min_size=1, max_size=8))
-def test_a_queue_planned_most_important_first_never_breaks_a_limit(sc: Scenario, lanes: list[str]) -> None:
+@given(
+    scenarios(max_reservations=0),
+    st.lists(st.tuples(st.sampled_from(PRIORITIES), spans), min_size=1, max_size=8),
+)
+def test_a_queue_planned_most_important_first_never_breaks_a_limit(
+    sc: Scenario, queued: list[tuple[str, int]]
+) -> None:
     """Messages queued at once, each plan a reservation for the next: a lane sees the lanes at least
     as important as itself, so planned in that order the whole queue keeps every rule."""
-    lanes = sorted(lanes, key=LANE_RANK.__getitem__)
+    queued = sorted(queued, key=lambda q: LANE_RANK[q[0]])
     reservations: list[Reservation] = []
     new: list[Planned] = []
     last_in = None if sc.last_in is None else epoch(sc.last_in)
-    for lane in lanes:
+    for lane, span in queued:
         history = History(sends=sc.sends, reservations=tuple(reservations), last_inbound_at=sc.last_in)
-        d = plan(sc.user, sc.limits, history, sc.now, lane)
+        d = plan(sc.user, sc.limits, history, sc.now, lane, span=timedelta(seconds=span))
+        if sc.rules.refused(lane):
+            assert (d.at, d.reason) == (None, "notifications_disabled")
+            continue
+        if no_slot(d, sc.rules, lane, span):
+            continue
         assert d.at is not None and d.at >= sc.now
         reservations.append(Reservation(d.at, lane))
-        new.append(Planned(epoch(d.at), lane, True, last_in))
+        new.append(Planned(epoch(d.at), lane, True, last_in, span))
     assert_schedule_keeps_the_rules(sc.rules, [epoch(s) for s in sc.sends], new)
