@@ -67,6 +67,7 @@ class Container:
             sweep_time_budget_seconds=float(s.sweep_time_budget_seconds),
             health_stale_seconds=s.health_stale_seconds,
             render_max_length=s.render_max_length,
+            account_caps=s.account_caps,
         )
 
     @property

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
 
+from shared.models import AccountCaps
 from shared.policy import Limits
 
 
@@ -71,6 +72,8 @@ class Settings:
     anthropic_model: str = "claude-sonnet-4-5"
     anthropic_timeout_seconds: int = 10
     render_max_length: int = 320
+    # the whole sending account (Twilio plan and carrier limits); 0 or unset: no cap
+    account_caps: AccountCaps = field(default_factory=AccountCaps)
     # policy defaults
     limits: Limits = field(default_factory=Limits)
     max_attempts: int = 5
@@ -94,6 +97,7 @@ class Settings:
             quiet_hours_end=_time(e, "QUIET_HOURS_END", time(8, 0)),
             active_window_seconds=_int(e, "ACTIVE_WINDOW_MINUTES", 10) * 60,
             low_daily_reserve=_int(e, "LOW_PRIORITY_DAILY_RESERVE", 2),
+            weekly_limit=_int(e, "WEEKLY_LIMIT", 0) or None,
         )
         return cls(
             database_url=_str(e, "DATABASE_URL"),
@@ -122,6 +126,11 @@ class Settings:
             anthropic_model=_str(e, "ANTHROPIC_MODEL") or "claude-sonnet-4-5",
             anthropic_timeout_seconds=_int(e, "ANTHROPIC_TIMEOUT_SECONDS", 10, minimum=1),
             render_max_length=_int(e, "RENDER_MAX_LENGTH", 320, minimum=20),
+            account_caps=AccountCaps(
+                per_second=_int(e, "ACCOUNT_RATE_PER_SECOND", 0) or None,
+                hourly=_int(e, "ACCOUNT_HOURLY_LIMIT", 0) or None,
+                daily=_int(e, "ACCOUNT_DAILY_LIMIT", 0) or None,
+            ),
             limits=limits,
             max_attempts=_int(e, "MAX_ATTEMPTS", 5, minimum=1),
             lease_seconds=_int(e, "CLAIM_LEASE_SECONDS", 120, minimum=10),

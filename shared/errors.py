@@ -72,6 +72,12 @@ class Undeliverable(Conflict):
     code = "undeliverable"
 
 
+class NotificationsDisabled(Conflict):
+    """The user switched notifications off; only urgent messages go out to them."""
+
+    code = "notifications_disabled"
+
+
 class NotCancellable(Conflict):
     """The message is being sent or is already final; only a queued message can be cancelled."""
 

@@ -532,6 +532,23 @@ class EnqueueResult:
 
 
 @dataclass(frozen=True)
+class AccountCaps:
+    """Caps for the whole sending account (Twilio plan, carrier daily limits); None: no cap."""
+
+    per_second: int | None = None
+    hourly: int | None = None
+    daily: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.per_second, self.hourly, self.daily))
+
+    def to_json(self) -> dict[str, int]:
+        pairs = (("per_second", self.per_second), ("hourly", self.hourly), ("daily", self.daily))
+        return {k: v for k, v in pairs if v is not None}
+
+
+@dataclass(frozen=True)
 class CancelResult:
     cancelled: bool
     already: bool = False
@@ -557,6 +574,7 @@ class Claim:
     token: uuid.UUID | None = None
     status: str | None = None
     attempts: int = 0
+    retry_at: datetime | None = None  # account-wide caps: the earliest instant that can allow it
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,21 @@ The rules, with their defaults (each configurable globally, some per user):
 - weekly limit (none by default) on the user's local ISO week, Monday 00:00 to Monday 00:00;
 - quiet hours 22:00-08:00 in the user's IANA timezone (wrapping midnight; start == end means none),
   not applied while the user is active (wrote to us in the last 10 minutes);
-- the user's preferred window (none by default): days of the week and/or a local time range
-  [start, end) (wrapping midnight; start == end is the whole day). Only `medium` and `low` with
-  `can_delay` wait for it; it is a preference, so a window that can never hold the message (no
-  day at all, or every minute of it in quiet hours) is ignored rather than never sending;
+- the user's preferred window (none by default): ISO days of the week and/or a local time range
+  [start, end) (wrapping midnight; start == end is the whole day; only one end set is no range).
+  Only `medium` and `low` with `can_delay` wait for it (urgent and high, and `can_delay=False`,
+  ignore it). It is a preference, so a window that can never hold the message (no valid day, or
+  no stretch of it outside quiet hours longer than the message's span) is ignored rather than
+  never sending;
 - lanes: `urgent` ignores quiet hours but keeps cooldown and budgets; `high` and `medium` take the
   next allowed slot; `low` also leaves the last `low_daily_reserve` messages of the day to the others;
-- a multi-part sequence occupies [t, t + span]: its end must lie on the same local day as t (a
-  sequence is never split across days), outside quiet hours (non-urgent lanes; the user counts as
-  active if they are at t) and, where the window applies, inside the preferred window;
+- a multi-part sequence occupies [t, t + span] (`span`: the sum of its parts' delays): its end
+  must lie on the same local day as t in every lane (a sequence is never split across days), and
+  outside quiet hours (non-urgent lanes; the user counts as active if they are at t) and inside
+  the preferred window where those apply to t. Only the two ends are checked, which is the same
+  as checking every part while quiet periods and windows are longer than the span; a sequence
+  longer than the time quiet hours leave free in a day finds no slot (`no_slot`) unless the user
+  is active;
 - planning counts the user's queued reservations of the same or a more important lane, so several
   messages queued at once are spread out rather than all planned for the same instant;
 - `can_delay=False` plans against the hard limits only (sends already made), never for spacing or
@@ -423,33 +429,35 @@ class _Planner:
 
     def violation(self, t: datetime) -> tuple[str, datetime] | None:
         """The first rule `t` breaks and the earliest instant that rule could allow, or None."""
+        local = t.astimezone(self.tz)
         quiet = self.quiet and not self._active(t)
         if quiet:
-            bound = self._quiet(t)
+            bound = self._quiet(t, local)
             if bound is not None:
                 return QUIET_HOURS, bound
         window = self.window
-        if window is not None and not window.holds(t.astimezone(self.tz)):
-            return PREFERRED_WINDOW, self._opening(t)
+        if window is not None and not window.holds(local):
+            return PREFERRED_WINDOW, self._opening(t, local)
+        local_day = local.date()
         span = self.span
         if span:
             # The sequence ends at t + span: on t's local day, outside quiet hours, in the window.
             # Each bound is the earliest t' at which the end could get clear of what it hit.
             end = t + span
-            local_day = t.astimezone(self.tz).date()
-            if end.astimezone(self.tz).date() != local_day:
+            local_end = end.astimezone(self.tz)
+            if local_end.date() != local_day:
                 next_day = _day_bounds(local_day, self.tz)[1]
                 return SEQUENCE_SPAN, next_day if next_day > t else t + _SECOND
             if quiet:
-                bound = self._quiet(end)
+                bound = self._quiet(end, local_end)
                 if bound is not None:
                     return QUIET_HOURS, bound - span
-            if window is not None and not window.holds(end.astimezone(self.tz)):
-                return PREFERRED_WINDOW, self._opening(end) - span
-        bound_w = self._weekly(t)
+            if window is not None and not window.holds(local_end):
+                return PREFERRED_WINDOW, self._opening(end, local_end) - span
+        bound_w = self._weekly(t, local_day)
         if bound_w is not None:
             return WEEKLY_LIMIT, bound_w
-        bound_d = self._daily(t)
+        bound_d = self._daily(t, local_day)
         if bound_d is not None:
             return bound_d
         bound = self._cooldown(t)
@@ -464,11 +472,11 @@ class _Planner:
         last_in = self.history.last_inbound_at
         return last_in is not None and last_in <= t < last_in + self.lim.active_window
 
-    def _quiet(self, t: datetime) -> datetime | None:
-        """If `t` is in quiet hours (by the wall clock alone), the first instant it could end."""
+    def _quiet(self, t: datetime, local: datetime) -> datetime | None:
+        """If `t` (`local` in the user's zone) is in quiet hours (by the wall clock alone), the
+        first instant they could end."""
         lim = self.lim
         start, end = lim.quiet_hours_start, lim.quiet_hours_end
-        local = t.astimezone(self.tz)
         if not in_quiet_hours(local.time(), start, end):
             return None
         d = local.date()
@@ -480,7 +488,7 @@ class _Planner:
         # A fall-back before `end` can set the wall clock back to before `start`: stop there.
         return _offset_change(t, bound, self.tz) or bound
 
-    def _opening(self, t: datetime) -> datetime:
+    def _opening(self, t: datetime, local: datetime) -> datetime:
         """The first instant after `t` (outside the window) at which the window could open.
 
         The wall clock runs on with t's UTC offset until the offset next changes: the window's next
@@ -488,7 +496,6 @@ class _Planner:
         a fall-back the clock reads earlier times again, some of which may be in the window).
         """
         assert self.window is not None
-        local = t.astimezone(self.tz)
         offset = local.utcoffset() or timedelta(0)
         at = (self.window.next_opening(local.replace(tzinfo=None)) - offset).replace(tzinfo=UTC)
         a = t
@@ -500,19 +507,18 @@ class _Planner:
             a = b
         return at
 
-    def _weekly(self, t: datetime) -> datetime | None:
+    def _weekly(self, t: datetime, local_day: date) -> datetime | None:
         cap = self.lim.weekly_limit
         if cap is None:
             return None
-        local_day = t.astimezone(self.tz).date()
         start, end = _week_bounds(local_day - local_day.weekday() * DAY, self.tz)
         pts = self.points
         if bisect_left(pts, end) - bisect_left(pts, start) < cap:
             return None
         return end if end > t else t + _SECOND
 
-    def _daily(self, t: datetime) -> tuple[str, datetime] | None:
-        start, end = _day_bounds(t.astimezone(self.tz).date(), self.tz)
+    def _daily(self, t: datetime, local_day: date) -> tuple[str, datetime] | None:
+        start, end = _day_bounds(local_day, self.tz)
         pts = self.points
         n = bisect_left(pts, end) - bisect_left(pts, start)
         if n < self.cap:

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from shared.models import (
+    AccountCaps,
     CancelResult,
     Claim,
     DeliveryContext,
@@ -62,6 +63,9 @@ class Store(Protocol):
         day_start: datetime,
         day_end: datetime,
         lease_seconds: int,
+        weekly_cap: int | None = None,
+        week: tuple[datetime, datetime] | None = None,
+        account: AccountCaps | None = None,
     ) -> Claim:
         """Move a queued message to 'sending' if, under the user's row lock, no limit forbids it."""
         ...

@@ -8,7 +8,7 @@ import logging
 import time as _time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -20,6 +20,7 @@ from shared.errors import (
     NotCancellable,
     NotDeliverable,
     NotFound,
+    NotificationsDisabled,
     OptedOut,
     PermanentSendError,
     RenderUnavailable,
@@ -35,6 +36,7 @@ from shared.models import (
     QUEUED,
     SENDING,
     SUPERSEDED,
+    AccountCaps,
     DeliveryContext,
     InboundSms,
     NewMessage,
@@ -61,6 +63,9 @@ log = logging.getLogger("orchestrator")
 
 Clock = Callable[[], datetime]
 
+# Reasons a message will never go out; deliver fails it with the reason.
+NEVER = frozenset({policy.OPTED_OUT, policy.UNDELIVERABLE, policy.NOTIFICATIONS_DISABLED})
+
 # Cloud Tasks may fire a moment before schedule_time; earlier than this counts as an early wake-up.
 EARLY_TOLERANCE = timedelta(seconds=1)
 # record_sent is retried briefly: the SMS is already out, and losing that fact is the worst outcome.
@@ -83,6 +88,7 @@ class Policy:
     health_stale_seconds: int = 300
     render_max_length: int = 320
     conversation_turns: int = 20
+    account_caps: AccountCaps = field(default_factory=AccountCaps)
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ def schedule(
         raise OptedOut(userId=str(request.user_id))
     if decision.reason == policy.UNDELIVERABLE:
         raise Undeliverable(userId=str(request.user_id))
+    if decision.reason == policy.NOTIFICATIONS_DISABLED:
+        raise NotificationsDisabled(userId=str(request.user_id))
     if decision.at is None:
         raise NotDeliverable("no allowed delivery time within the planning horizon", reason=decision.reason)
     if request.expires_at is not None and decision.at >= request.expires_at:
@@ -375,18 +383,18 @@ def deliver(
         # Woken early (or by an old task of the same generation): keep the plan, with a fresh task.
         return _defer(store, tasks, m, m.scheduled_for, "early_task", now, fields)
 
+    decision = policy.check_now(
+        ctx.user.settings, config.limits, ctx.user.history, now, m.priority, m.can_delay, span=_span(m)
+    )
+    if decision.reason in NEVER:
+        store.fail(m.id, error=policy.REASONS[decision.reason], reason=decision.reason, now=now)
+        return _outcome(logging.INFO, m.id, "failed", decision.reason, "failed", **fields)
     rank = policy.RANK[m.priority]
     if any(r.at <= now and policy.RANK.get(r.priority, rank) < rank for r in ctx.user.history.reservations):
         # A more important message to this user is due too: it takes this slot; this one follows
         # it after the cooldown, whichever task Cloud Tasks happened to fire first.
         at = now + max(config.limits.cooldown, timedelta(seconds=1))
         return _defer(store, tasks, m, at, "priority_yield", now, fields)
-    decision = policy.check_now(
-        ctx.user.settings, config.limits, ctx.user.history, now, m.priority, m.can_delay, span=_span(m)
-    )
-    if decision.reason in (policy.OPTED_OUT, policy.UNDELIVERABLE):
-        store.fail(m.id, error=policy.REASONS[decision.reason], reason=decision.reason, now=now)
-        return _outcome(logging.INFO, m.id, "failed", decision.reason, "failed", **fields)
     if not decision.allowed_now:
         return _replan(store, tasks, ctx, config, now, decision.reason, fields, refresh=False)
     if m.structured or m.requires_fresh_context:
@@ -406,6 +414,9 @@ def deliver(
         day_start=day_start,
         day_end=day_end,
         lease_seconds=config.lease_seconds,
+        weekly_cap=limits.weekly_limit,
+        week=policy.local_week_bounds(ctx.user.settings.timezone, now) if limits.weekly_limit else None,
+        account=config.account_caps,
     )
     if not claim.claimed:
         if claim.reason in ("not_found", "not_queued", "stale_task"):
@@ -416,6 +427,23 @@ def deliver(
         if claim.reason == "expired":
             store.expire(m.id, now)
             return _outcome(logging.INFO, m.id, "expired", "expired", "expired", **fields)
+        if claim.reason == policy.NOTIFICATIONS_DISABLED:
+            store.fail(m.id, error=policy.REASONS[claim.reason], reason=claim.reason, now=now)
+            return _outcome(logging.INFO, m.id, "failed", claim.reason, "failed", **fields)
+        if claim.reason.startswith("account_") and claim.retry_at is not None:
+            # The whole account is at a cap: wait for the instant the database computed for it.
+            at = max(claim.retry_at, now + timedelta(seconds=1))
+            if m.expires_at is not None and at >= m.expires_at:
+                store.expire(m.id, now)
+                return _outcome(
+                    logging.INFO,
+                    m.id,
+                    "expired",
+                    f"expires_before_allowed:{claim.reason}",
+                    "expired",
+                    **fields,
+                )
+            return _defer(store, tasks, m, at, claim.reason, now, fields)
         # Another delivery for this user won the lock: plan again from what the database now holds.
         return _replan(store, tasks, ctx, config, now, claim.reason, fields, refresh=True)
     assert claim.token is not None
@@ -799,7 +827,7 @@ def _replan(
     decision = policy.check_now(
         user.settings, config.limits, user.history, now, m.priority, m.can_delay, span=_span(m)
     )
-    if decision.reason in (policy.OPTED_OUT, policy.UNDELIVERABLE):
+    if decision.reason in NEVER:
         store.fail(m.id, error=policy.REASONS[decision.reason], reason=decision.reason, now=now)
         return _outcome(logging.INFO, m.id, "failed", decision.reason, "failed", **fields)
     at = decision.at or now + timedelta(hours=1)

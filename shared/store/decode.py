@@ -102,6 +102,13 @@ def user_settings(row: dict[str, Any]) -> UserSettings:
         hourly_limit=row.get("hourly_limit"),
         opted_out=row.get("opted_out_at") is not None,
         undeliverable=row.get("undeliverable_at") is not None,
+        notifications_enabled=bool(row.get("notifications_enabled", True)),
+        preferred_days=None
+        if row.get("preferred_days") is None
+        else frozenset(int(d) for d in row["preferred_days"]),
+        preferred_start=_time(row.get("preferred_window_start")),
+        preferred_end=_time(row.get("preferred_window_end")),
+        weekly_limit=row.get("weekly_limit"),
     )
 
 
@@ -141,6 +148,7 @@ def claim(doc: dict[str, Any]) -> Claim:
         token=_uuid(doc.get("token")),
         status=doc.get("status"),
         attempts=int(doc.get("attempts") or 0),
+        retry_at=instant(doc.get("retry_at")),
     )
 
 

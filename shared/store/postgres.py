@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shared.errors import StoreError, StoreUnavailable
 from shared.models import (
+    AccountCaps,
     CancelResult,
     Claim,
     DeliveryContext,
@@ -119,6 +120,9 @@ class PostgresStore:
         day_start: datetime,
         day_end: datetime,
         lease_seconds: int,
+        weekly_cap: int | None = None,
+        week: tuple[datetime, datetime] | None = None,
+        account: AccountCaps | None = None,
     ) -> Claim:
         doc = self.call(
             "mq_claim",
@@ -132,6 +136,10 @@ class PostgresStore:
                 daily_cap,
                 day_start,
                 day_end,
+                weekly_cap,
+                week[0] if week else None,
+                week[1] if week else None,
+                Jsonb(account.to_json()) if account and account.enabled else None,
             ],
         )
         return decode.claim(doc)

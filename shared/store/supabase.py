@@ -26,6 +26,7 @@ from supabase import Client, ClientOptions, create_client
 
 from shared.errors import StoreError, StoreUnavailable
 from shared.models import (
+    AccountCaps,
     CancelResult,
     Claim,
     DeliveryContext,
@@ -194,6 +195,9 @@ class SupabaseStore:
         day_start: datetime,
         day_end: datetime,
         lease_seconds: int,
+        weekly_cap: int | None = None,
+        week: tuple[datetime, datetime] | None = None,
+        account: AccountCaps | None = None,
     ) -> Claim:
         doc = self._rpc(
             "mq_claim",
@@ -207,6 +211,10 @@ class SupabaseStore:
                 "p_daily_cap": daily_cap,
                 "p_day_start": _instant(day_start),
                 "p_day_end": _instant(day_end),
+                "p_weekly_cap": weekly_cap,
+                "p_week_start": _instant(week[0]) if week else None,
+                "p_week_end": _instant(week[1]) if week else None,
+                "p_account": account.to_json() if account and account.enabled else None,
             },
         )
         return decode.claim(doc)

@@ -195,7 +195,7 @@ def test_user_context_defaults_and_upsert_by_phone(store: AnyStore) -> None:
 def test_user_context_history_sends_reservations_and_last_inbound(store: AnyStore) -> None:
     user_id = make_user(store)
     other = make_user(store, "+15550000009")
-    send(store, user_id, T0 - timedelta(hours=27))  # older than the 26 h window: left out
+    send(store, user_id, T0 - timedelta(days=8, hours=1))  # older than the 8-day window: left out
     send(store, user_id, T0 - timedelta(hours=2))
     send(store, other, T0 - timedelta(hours=1))  # someone else's
     sending = enqueue(store, user_id, now=T0 - timedelta(minutes=1))
@@ -749,6 +749,10 @@ def test_claim_is_one_rpc_with_the_sql_parameter_names(
         "p_daily_cap": 7,
         "p_day_start": "2025-06-02T00:00:00-04:00",
         "p_day_end": "2025-06-03T00:00:00-04:00",
+        "p_weekly_cap": None,
+        "p_week_start": None,
+        "p_week_end": None,
+        "p_account": None,
     }
     assert call.headers["apikey"] == SERVICE_KEY
     assert call.headers["authorization"] == f"Bearer {SERVICE_KEY}"
