@@ -8,11 +8,13 @@ in-process stand-ins only for what leaves the machine.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from shared.config import Settings
 from shared.errors import OrchestratorError
+from shared.models import Relevance, Rendered, Turn
 from shared.ports import EventPublisher, Renderer, SmsSender, Store, TaskQueue
 from shared.service import Policy
 
@@ -98,10 +100,12 @@ class Container:
 
     @property
     def renderer(self) -> Renderer:
+        """Built on the first model call, not here: most deliveries render nothing, and importing
+        the anthropic client costs a cold instance about a second."""
         if self._renderer is None:
             with self._lock:
                 if self._renderer is None:
-                    self._renderer = build_renderer(self.settings)
+                    self._renderer = LazyRenderer(lambda: build_renderer(self.settings))
         return self._renderer
 
     @property
@@ -145,6 +149,37 @@ def build_events(settings: Settings) -> EventPublisher | None:
     from shared.events import build_publisher
 
     return build_publisher(settings.google_cloud_project, topics)
+
+
+class LazyRenderer:
+    """A Renderer that builds the real one when it is first asked for something."""
+
+    def __init__(self, build: Callable[[], Renderer]) -> None:
+        self._build = build
+        self._real: Renderer | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Renderer:
+        if self._real is None:
+            with self._lock:
+                if self._real is None:
+                    self._real = self._build()
+        return self._real
+
+    def render(
+        self, message_data: Mapping[str, Any], *, conversation: Sequence[Turn], max_length: int
+    ) -> Rendered:
+        return self._get().render(message_data, conversation=conversation, max_length=max_length)
+
+    def judge_relevance(
+        self,
+        text: str,
+        message_data: Mapping[str, Any],
+        *,
+        conversation: Sequence[Turn],
+        queued_at: datetime,
+    ) -> Relevance:
+        return self._get().judge_relevance(text, message_data, conversation=conversation, queued_at=queued_at)
 
 
 def build_renderer(settings: Settings) -> Renderer:

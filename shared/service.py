@@ -1028,7 +1028,7 @@ def _reconcile_sequence(
     event(
         log,
         logging.WARNING,
-        "reconciled: the sequence stopped halfway; queued again, the remaining parts follow",
+        "reconciled: the sequence stopped halfway, the remaining parts follow; queued again",
         messageId=str(m.id),
         generation=generation,
         action="reconciled",

@@ -123,7 +123,7 @@ locals {
       max_instances   = var.max_instances.schedule_message
       ingress         = "ALLOW_ALL"
       env             = ["base", "database", "tasks", "pubsub", "settings"]
-      secrets         = ["database_url", "supabase_service_key"]
+      secrets         = ["database_url", "supabase_service_key", "anthropic_api_key"]
       invokers        = { for m in var.agent_members : m => m }
       public          = false
       trigger         = null

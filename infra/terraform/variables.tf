@@ -157,9 +157,9 @@ variable "twilio_messaging_service_sid" {
 }
 
 variable "anthropic_enabled" {
-  description = "Give deliver_message ANTHROPIC_API_KEY from the anthropic-api-key secret. false: the template renderer only, and no such secret is needed."
+  description = "Give schedule_message and deliver_message ANTHROPIC_API_KEY from the anthropic-api-key secret (structured messages rendered with Claude). false: the deterministic template renderer only, and no such secret is needed."
   type        = bool
-  default     = false  # nothing reads the key until rendering with Claude lands (issue 6)
+  default     = false
 }
 
 variable "settings" {
@@ -173,6 +173,8 @@ variable "settings" {
       "ACTIVE_WINDOW_MINUTES", "LOW_PRIORITY_DAILY_RESERVE", "MAX_ATTEMPTS", "CLAIM_LEASE_SECONDS",
       "MAX_CONTENT_LENGTH", "RECONCILE_AFTER_SECONDS", "SWEEP_GRACE_SECONDS", "SWEEP_BATCH_SIZE",
       "SWEEP_TIME_BUDGET_SECONDS", "HEALTH_STALE_SECONDS", "TWILIO_TIMEOUT_SECONDS",
+      "WEEKLY_LIMIT", "ACCOUNT_RATE_PER_SECOND", "ACCOUNT_HOURLY_LIMIT", "ACCOUNT_DAILY_LIMIT",
+      "ANTHROPIC_MODEL", "ANTHROPIC_TIMEOUT_SECONDS", "RENDER_MAX_LENGTH",
     ], k)])
     error_message = "settings may only hold the tuning variables of README's configuration table; credentials go to Secret Manager, wiring is set here."
   }
