@@ -208,19 +208,30 @@ class Part:
     """One SMS of a sequence: sent `delay_seconds` after the previous part (the first: at once)."""
 
     position: int
-    content: str
+    content: str  # "" for a structured part not rendered yet
     delay_seconds: int = DEFAULT_PART_DELAY_SECONDS
     status: str = "pending"
     twilio_message_sid: str | None = None
     sent_at: datetime | None = None
+    data: dict[str, Any] | None = None  # a structured part's fields, for the Renderer
 
     @property
     def sent(self) -> bool:
         return self.status == "sent"
 
+    @property
+    def needs_render(self) -> bool:
+        return self.data is not None and not self.content
+
 
 def parts_json(parts: tuple[Part, ...]) -> list[dict[str, Any]]:
-    return [{"content": p.content, "delaySeconds": p.delay_seconds} for p in parts]
+    """As the agent sent them (the request digest and message_data): text, or structured data."""
+    return [
+        {"content": p.content, "delaySeconds": p.delay_seconds}
+        if p.data is None
+        else {**p.data, "delaySeconds": p.delay_seconds}
+        for p in parts
+    ]
 
 
 def sequence_span(parts: tuple[Part, ...]) -> int:
@@ -314,7 +325,7 @@ class ScheduleRequest:
             if "messageData" in body:
                 bad("sequence", "give either messageData or sequence, not both")
             parts = _parse_sequence(body["sequence"], bad, max_content_length)
-            content = "\n".join(p.content for p in parts)
+            content = "\n".join(p.content for p in parts if p.content)
             message_data = {"sequence": parts_json(parts)}
         elif "messageData" not in body:
             bad("messageData", "is required (or sequence)")
@@ -414,14 +425,22 @@ def _parse_sequence(value: Any, bad: Callable[[str, str], None], max_length: int
         if not isinstance(item, dict):
             bad(name, "must be an object")
             continue
-        for extra in sorted(set(item) - PART_FIELDS):
-            bad(f"{name}.{field_name(extra)}", "unknown field")
-        content = _parse_content(item, name, bad, max_length)
+        data: dict[str, Any] | None = None
+        content = ""
+        if "content" in item:
+            for extra in sorted(set(item) - PART_FIELDS):
+                bad(f"{name}.{field_name(extra)}", "unknown field")
+            content = _parse_content(item, name, bad, max_length)
+        else:
+            # Structured, like messageData without content: rendered to text before it is sent.
+            data = {k: v for k, v in item.items() if k != "delaySeconds"}
+            for e in validate_structured(data):
+                bad(e["field"].replace("messageData", name, 1), e["reason"])
         delay = item.get("delaySeconds", DEFAULT_PART_DELAY_SECONDS)
         if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_PART_DELAY_SECONDS:
             bad(f"{name}.delaySeconds", f"must be an integer from 0 to {MAX_PART_DELAY_SECONDS}")
             delay = DEFAULT_PART_DELAY_SECONDS
-        parts.append(Part(position=i + 1, content=content, delay_seconds=delay))
+        parts.append(Part(position=i + 1, content=content, delay_seconds=delay, data=data))
     return tuple(parts)
 
 
@@ -444,9 +463,16 @@ class NewMessage:
     reason: str
     now: datetime
     rendered: str | None = None  # the text rendered at schedule time, for structured messageData
+    rendered_parts: tuple[Part, ...] | None = None  # a sequence's parts after schedule-time rendering
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return self.rendered_parts if self.rendered_parts is not None else self.request.parts
 
     @property
     def final_message(self) -> str | None:
+        if self.parts:
+            return "\n".join(p.content for p in self.parts if p.content) or None
         return self.rendered or self.request.content or None
 
 

@@ -120,6 +120,12 @@ class Store(Protocol):
         """One model call (model, tokens, latency, cost) into agent_actions_log."""
         ...
 
+    def record_part_render(
+        self, message_id: uuid.UUID, position: int, text: str, usage: dict[str, Any], now: datetime
+    ) -> bool:
+        """The rendered text of one structured part of a queued sequence."""
+        ...
+
     def record_render(self, message_id: uuid.UUID, text: str, usage: dict[str, Any], now: datetime) -> bool:
         """The rendered text of a queued message (logged with the call's usage)."""
         ...

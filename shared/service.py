@@ -41,6 +41,7 @@ from shared.models import (
     InboundSms,
     NewMessage,
     Outcome,
+    Part,
     Rendered,
     ScheduleRequest,
     StaleClaim,
@@ -170,14 +171,20 @@ def schedule(
         )
     rendered: Rendered | None = None
     render_error: RenderUnavailable | None = None
-    if request.structured and not request.requires_fresh_context and renderer is not None:
+    parts = request.parts
+    part_usages: list[tuple[int, dict[str, Any]]] = []
+    fresh = request.requires_fresh_context
+    if renderer is not None and not fresh and (request.structured or any(p.needs_render for p in parts)):
         try:
             turns = store.conversation(request.user_id, config.conversation_turns)
-            rendered = renderer.render(
-                request.message_data, conversation=turns, max_length=config.render_max_length
-            )
+            if request.structured:
+                rendered = renderer.render(
+                    request.message_data, conversation=turns, max_length=config.render_max_length
+                )
+            else:
+                parts, part_usages = _render_parts(renderer, parts, turns, config)
         except RenderUnavailable as exc:
-            render_error = exc
+            render_error = exc  # rendered at delivery instead
     result = store.enqueue(
         NewMessage(
             request=request,
@@ -185,9 +192,14 @@ def schedule(
             reason=decision.reason,
             now=now,
             rendered=rendered.text if rendered else None,
+            rendered_parts=parts if request.parts else None,
         )
     )
     message = result.message
+    for position, usage in part_usages if result.created else ():
+        store.log_model_call(
+            message.user_id, message.id, "rendered", usage, {"part": position, "at": "schedule"}, None, now
+        )
     if result.created and (rendered or render_error):
         store.log_model_call(
             message.user_id,
@@ -397,7 +409,7 @@ def deliver(
         return _defer(store, tasks, m, at, "priority_yield", now, fields)
     if not decision.allowed_now:
         return _replan(store, tasks, ctx, config, now, decision.reason, fields, refresh=False)
-    if m.structured or m.requires_fresh_context:
+    if m.structured or m.requires_fresh_context or any(p.needs_render for p in m.parts):
         prepared = _prepare_content(store, tasks, renderer, ctx, config, now, fields)
         if isinstance(prepared, Outcome):
             return prepared
@@ -508,6 +520,27 @@ def _prepare_content(
             None,
             now,
         )
+    if (
+        m.is_sequence
+        and any(p.data is not None and not p.sent for p in m.parts)
+        and (m.requires_fresh_context or any(p.needs_render for p in m.parts))
+    ):
+        if renderer is None:
+            return _render_failed(
+                store, tasks, m, config, now, fields, RenderUnavailable("no renderer"), "render"
+            )
+        try:
+            if turns is None:
+                turns = store.conversation(m.user_id, config.conversation_turns)
+            parts, usages = _render_parts(renderer, m.parts, turns, config)
+        except RenderUnavailable as exc:
+            return _render_failed(store, tasks, m, config, now, fields, exc, "render")
+        by_position = {p.position: p for p in parts}
+        for position, usage in usages:
+            if not store.record_part_render(m.id, position, by_position[position].content, usage, now):
+                return _outcome(logging.INFO, m.id, "skipped", "not_queued", m.status, **fields)
+        m = replace(m, parts=parts, content="\n".join(p.content for p in parts))
+        ctx = replace(ctx, message=m)
     if m.structured and (not m.content or m.requires_fresh_context):
         if renderer is None:
             return _render_failed(
@@ -526,6 +559,21 @@ def _prepare_content(
         m = replace(m, content=rendered.text)
         ctx = replace(ctx, message=m)
     return ctx
+
+
+def _render_parts(
+    renderer: Renderer, parts: tuple[Part, ...], turns: list[Turn], config: Policy
+) -> tuple[tuple[Part, ...], list[tuple[int, dict[str, Any]]]]:
+    """The structured parts of a sequence rendered (all or none: raises RenderUnavailable)."""
+    done: list[Part] = []
+    usages: list[tuple[int, dict[str, Any]]] = []
+    for p in parts:
+        if p.data is not None and not p.sent:
+            out = renderer.render(p.data, conversation=turns, max_length=config.render_max_length)
+            p = replace(p, content=out.text)
+            usages.append((p.position, out.usage.to_log()))
+        done.append(p)
+    return tuple(done), usages
 
 
 def _render_failed(

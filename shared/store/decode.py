@@ -82,6 +82,7 @@ def message(row: dict[str, Any]) -> StoredMessage:
                 status=str(p.get("status") or "pending"),
                 twilio_message_sid=p.get("twilio_message_sid"),
                 sent_at=instant(p.get("sent_at")),
+                data=dict(p["data"]) if isinstance(p.get("data"), dict) else None,
             )
             for p in sorted(row.get("parts") or [], key=lambda p: int(p["position"]))
         ),
@@ -184,7 +185,11 @@ def parts_param(parts: tuple[Part, ...]) -> list[dict[str, Any]] | None:
     """A sequence's parts as mq_enqueue takes them (in position order), None for a single message."""
     if not parts:
         return None
-    return [{"content": p.content, "delay_seconds": p.delay_seconds} for p in parts]
+    return [
+        {"content": p.content, "delay_seconds": p.delay_seconds}
+        | ({"data": p.data} if p.data is not None else {})
+        for p in parts
+    ]
 
 
 def cancel_result(doc: dict[str, Any]) -> CancelResult:

@@ -97,7 +97,7 @@ class PostgresStore:
                 message.reason,
                 message.now,
                 r.topic_key,
-                None if not r.parts else Jsonb(decode.parts_param(r.parts)),
+                None if not message.parts else Jsonb(decode.parts_param(message.parts)),
             ],
         )
         return decode.enqueue_result(doc)
@@ -200,6 +200,11 @@ class PostgresStore:
                 now,
             ],
         )
+
+    def record_part_render(
+        self, message_id: uuid.UUID, position: int, text: str, usage: dict[str, Any], now: datetime
+    ) -> bool:
+        return bool(self.call("mq_record_part_render", [message_id, position, text, Jsonb(usage), now]))
 
     def record_render(self, message_id: uuid.UUID, text: str, usage: dict[str, Any], now: datetime) -> bool:
         return bool(self.call("mq_record_render", [message_id, text, Jsonb(usage), now]))

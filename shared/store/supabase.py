@@ -171,7 +171,7 @@ class SupabaseStore:
                 "p_reason": message.reason,
                 "p_now": _instant(message.now),
                 "p_topic_key": r.topic_key,
-                "p_parts": decode.parts_param(r.parts),
+                "p_parts": decode.parts_param(message.parts),
             },
         )
         return decode.enqueue_result(doc)
@@ -313,6 +313,21 @@ class SupabaseStore:
                 "p_now": _instant(now),
             },
         )
+
+    def record_part_render(
+        self, message_id: uuid.UUID, position: int, text: str, usage: dict[str, Any], now: datetime
+    ) -> bool:
+        doc = self._rpc(
+            "mq_record_part_render",
+            {
+                "p_message_id": str(message_id),
+                "p_position": position,
+                "p_text": text,
+                "p_usage": usage,
+                "p_now": _instant(now),
+            },
+        )
+        return bool(doc)
 
     def record_render(self, message_id: uuid.UUID, text: str, usage: dict[str, Any], now: datetime) -> bool:
         doc = self._rpc(

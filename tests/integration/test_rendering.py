@@ -335,3 +335,87 @@ def test_a_bad_structured_message_is_a_400(
     with pytest.raises(ValidationError) as err:
         schedule(store, tasks, claude, user, T0, message_data)
     assert field in [e["field"] for e in err.value.errors]
+
+
+def test_structured_parts_of_a_sequence_are_rendered_when_scheduled(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    fake: FakeAnthropic,
+    claude: ClaudeRenderer,
+    database_url: str,
+) -> None:
+    user = make_user(store)
+    fake.script(text("Sam said yes!"))
+    body = {
+        "userId": str(user),
+        "agentId": "concierge_agent",
+        "sequence": [
+            {"type": "intro_match", "name": "Sam"},
+            {"content": "Want me to book it?", "delaySeconds": 2},
+        ],
+    }
+    result = service.schedule(body, store=store, tasks=tasks, config=POLICY, now=T0, renderer=claude)
+    assert [p.content for p in result.message.parts] == ["Sam said yes!", "Want me to book it?"]
+    assert result.message.parts[0].data == {"type": "intro_match", "name": "Sam"}
+    outcome = service.deliver(
+        {"messageId": str(result.message.id), "generation": 0},
+        store=store,
+        tasks=tasks,
+        sms=twilio_sender,
+        config=POLICY,
+        clock=clock,
+        sleep=lambda s: clock.advance(timedelta(seconds=s)),
+        renderer=claude,
+    )
+    assert outcome.action == "sent"
+    assert [m["body"] for m in sms_sink.messages()] == ["Sam said yes!", "Want me to book it?"]
+    logged = [a for a in actions(database_url, result.message.id) if a[0] == "rendered"]
+    assert [a[2]["part"] for a in logged] == [1]
+
+
+def test_a_structured_part_whose_render_failed_is_rendered_at_delivery(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    fake: FakeAnthropic,
+    claude: ClaudeRenderer,
+    database_url: str,
+) -> None:
+    user = make_user(store)
+    fake.script(status(529), status(500), text("Alex is in too."))
+    body = {
+        "userId": str(user),
+        "agentId": "concierge_agent",
+        "sequence": [{"content": "News!"}, {"type": "second_match", "name": "Alex", "delaySeconds": 1}],
+    }
+    result = service.schedule(body, store=store, tasks=tasks, config=POLICY, now=T0, renderer=claude)
+    assert [p.content for p in result.message.parts] == ["News!", ""]
+
+    def run() -> Outcome:
+        return service.deliver(
+            {
+                "messageId": str(result.message.id),
+                "generation": store.get_message(result.message.id).generation,
+            },  # type: ignore[union-attr]
+            store=store,
+            tasks=tasks,
+            sms=twilio_sender,
+            config=POLICY,
+            clock=clock,
+            sleep=lambda s: clock.advance(timedelta(seconds=s)),
+            renderer=claude,
+        )
+
+    first = run()
+    assert (first.action, first.reason) == ("deferred", "render_unavailable") and sms_sink.messages() == []
+    assert first.scheduled_for is not None
+    clock.now = first.scheduled_for
+    assert run().action == "sent"
+    assert [m["body"] for m in sms_sink.messages()] == ["News!", "Alex is in too."]
+    parts = sql(database_url, "select content, status from message_parts order by position")
+    assert parts == [("News!", "sent"), ("Alex is in too.", "sent")]

@@ -327,6 +327,8 @@ def test_a_lost_sequence_claim_is_reconciled_part_by_part(
         ([{"content": "a"}, {"content": "b", "delaySeconds": True}], "sequence[1].delaySeconds"),
         ([{"content": "a"}, {"content": "b", "colour": "red"}], "sequence[1].colour"),
         ([{"content": "a"}, "b"], "sequence[1]"),
+        ([{"content": "a"}, {"style": "snarky"}], "sequence[1].type"),
+        ([{"content": "a"}, {"type": "x", "style": "rude"}], "sequence[1].style"),
     ],
 )
 def test_a_bad_sequence_is_a_400_naming_the_part(

@@ -719,6 +719,39 @@ def test_cancel(store: AnyStore) -> None:
         store.cancel(uuid.uuid4(), agent_id=None, reason=None, now=T0)
 
 
+def test_render_bookkeeping(store: AnyStore, db: psycopg.Connection[Any]) -> None:
+    user_id = make_user(store)
+    store.record_inbound(user_id, "hi", "SMc1", T0 - timedelta(minutes=2))
+    store.record_inbound(user_id, "there", "SMc2", T0 - timedelta(minutes=1))
+    assert [(t.direction, t.content) for t in store.conversation(user_id, 1)] == [("inbound", "there")]
+    assert [t.content for t in store.conversation(user_id, 10)] == ["hi", "there"]
+
+    a = enqueue(store, user_id, messageData={"type": "intro"})
+    usage = {"model": "claude-haiku-4-5", "inputTokens": 10, "latencyMs": 42, "costUsd": 0.001}
+    assert store.record_render(a, "Hello Sam", usage, T0)
+    rendered = store.get_message(a)
+    assert rendered is not None and rendered.content == "Hello Sam" and rendered.structured
+    logged = db.execute(
+        "select input_data, latency_ms from agent_actions_log"
+        " where message_id = %s and action_type = 'rendered'",
+        (a,),
+    ).fetchone()
+    assert logged == (usage, 42)
+
+    b = enqueue(store, user_id, messageData={"type": "intro"})
+    assert store.render_failed(b, error="e1", usage={}, max_attempts=2, now=T0) == ("queued", 1)
+    assert store.render_failed(b, error="e2", usage={}, max_attempts=2, now=T0) == ("failed", 2)
+    assert status_of(store, b) == "failed"
+
+    c = enqueue(store, user_id)
+    assert store.supersede_stale(c, reason="x" * 300, usage={"model": "m"}, now=T0)
+    stale = store.get_message(c)
+    assert stale is not None and stale.status == "superseded" and stale.reason == "stale"
+    assert not store.supersede_stale(c, reason="again", usage={}, now=T0)
+    reason = db.execute("select superseded_reason from message_queue where id = %s", (c,)).fetchone()
+    assert reason == ("x" * 200,)
+
+
 def test_claim_is_one_rpc_with_the_sql_parameter_names(
     supabase_store: SupabaseStore, postgrest: PostgrestStandIn
 ) -> None:
@@ -818,6 +851,14 @@ def test_every_method_is_exactly_one_rpc_named_like_the_sql_function(
         ("mq_health", lambda: s.health(T0)),
         ("mq_record_part", lambda: s.record_part(b, token, position=1, sid="SMp", now=T0)),
         ("mq_cancel", lambda: s.cancel(a, agent_id=None, reason="r", now=T0)),
+        ("mq_conversation", lambda: s.conversation(user_id, 5)),
+        (
+            "mq_log_model_call",
+            lambda: s.log_model_call(user_id, a, "rendered", {"model": "m"}, None, None, T0),
+        ),
+        ("mq_record_render", lambda: s.record_render(a, "text", {"model": "m", "latencyMs": 5}, T0)),
+        ("mq_render_failed", lambda: s.render_failed(a, error="e", usage={}, max_attempts=3, now=T0)),
+        ("mq_supersede_stale", lambda: s.supersede_stale(a, reason="r", usage={}, now=T0)),
     ]
     for function, call in calls:
         postgrest.clear()
