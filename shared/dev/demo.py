@@ -139,6 +139,8 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
             f"  sentAt {_local(st['sentAt'], r['zone'])}  reason={st['reason']}"
         )
 
+    extra = _show_the_rest(stack, now, day_zone, night_zone, noor)
+
     print("\n== Try it yourself ==")
     print(
         f"  curl -s -X POST {stack.schedule_url} -H 'Content-Type: application/json' \\\n"
@@ -146,4 +148,48 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
         f"  curl -s {stack.schedule_url}messages/{immediate['messageId']}\n"
         f"  curl -s {stack.sink_url}/_sink/messages"
     )
-    return {"results": results, "arrived": arrived, "immediate": immediate, "spaced": spaced}
+    return {"results": results, "arrived": arrived, "immediate": immediate, "spaced": spaced, **extra}
+
+
+def _show_the_rest(
+    stack: LocalStack, now: datetime, day_zone: str, night_zone: str, noor: uuid.UUID
+) -> dict[str, Any]:
+    """A sequence, a structured message rendered without a model key, supersede by topic, cancel."""
+    assert stack.database_url
+    sam = _seed_user(stack.database_url, "+15550000303", day_zone)
+    _reset(stack.database_url, [sam])
+    _make_active(stack.database_url, sam, now)
+    print("\n== Sequences, rendering, supersede, cancel ==")
+    _, seq = stack.post_json(
+        stack.schedule_url,
+        {
+            "userId": str(sam),
+            "agentId": "demo_agent",
+            "priority": "high",
+            "sequence": [
+                {"content": "Great news!"},
+                {"content": "Sam accepted your intro.", "delaySeconds": 1},
+                {"type": "intro_next_step", "style": "supportive", "suggestion": "a call on Thursday"},
+            ],
+        },
+    )
+    print(
+        f"  sequence of {seq.get('parts')} parts    -> scheduledFor {seq.get('scheduledFor')}"
+        f"  reason={seq.get('reason')}"
+    )
+    first = {"userId": str(noor), "agentId": "demo_agent", "topicKey": "daily-digest"}
+    _, old = stack.post_json(stack.schedule_url, first | {"messageData": {"content": "Digest v1"}})
+    _, new = stack.post_json(stack.schedule_url, first | {"messageData": {"content": "Digest v2"}})
+    print(f"  same topic again        -> superseded {new.get('superseded')} (was {old.get('messageId')})")
+    status, cancelled = stack.post_json(
+        f"{stack.schedule_url}messages/{new['messageId']}/cancel", {"agentId": "demo_agent", "reason": "demo"}
+    )
+    print(f"  cancel the new one      -> {status} status={cancelled.get('status')}")
+    deadline = time.monotonic() + 10
+    parts: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and len(parts) < 3:
+        parts = [m for m in stack.sink_messages() if m["to"] == "+15550000303"]
+        time.sleep(0.25)
+    for m in parts:
+        print(f"  {m['received_at']}  to {m['to']}  {m['body']!r}")
+    return {"sequence": seq, "superseded": new.get("superseded"), "cancelled": cancelled, "parts": parts}

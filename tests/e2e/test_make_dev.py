@@ -40,6 +40,8 @@ def test_the_dev_stack_runs_the_demo_and_stops_cleanly(tmp_path: Path, database_
     assert "reason=hourly_limit" in out
     assert "reason=quiet_hours" in out and "08:00:00" in out
     assert "spacing between the two sends" in out
+    assert "sequence of 3 parts" in out and "'Sam accepted your intro.'" in out
+    assert "superseded ['" in out and "status=cancelled" in out
     assert "curl -s -X POST" in out
     assert "Stopped every process the stack started." in out
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
