@@ -1,4 +1,4 @@
-"""Against a local embedded PostgreSQL (tests.support.pg): schedule_message through
+"""Against a local embedded PostgreSQL (bench.support.Postgres): schedule_message through
 functions-framework's app with 1 and 8 clients, deliveries through shared.service.deliver, and the
 database round trips each costs. Twilio and Cloud Tasks are in-process fakes (they leave the machine)."""
 
@@ -19,12 +19,10 @@ from psycopg_pool import ConnectionPool
 
 from bench.policy import TIMEZONES
 from bench.run import Figure
+from bench.support import Clock, FakeSms, InProcessTasks, Postgres
 from shared import bootstrap, service
 from shared.config import Settings
-from shared.models import SentRecord
 from shared.store.postgres import PostgresStore
-from tests.support.fakes import RecordingTaskQueue, VirtualClock
-from tests.support.pg import PgCluster
 
 MAIN = str(Path(__file__).resolve().parents[1] / "functions" / "main.py")
 USERS = 300
@@ -34,6 +32,10 @@ PER_THREAD = 150  # requests per client with eight clients
 THREADS = 8
 DELIVERIES = 200  # per pool configuration
 T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
+ABOUT = (
+    "`schedule_message` through functions-framework's app in-process (1 and 8 clients), deliveries "
+    "through `service.deliver` (Twilio and Cloud Tasks faked), and the database round trips each costs."
+)
 
 
 class CountingStore(PostgresStore):
@@ -65,16 +67,6 @@ class CountingStore(PostgresStore):
     def counts(self) -> tuple[int, int]:
         with self._count_lock:
             return self.calls, self.checks
-
-
-class FakeSms:
-    """Twilio accepts everything at once."""
-
-    def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
-        return "SM" + message_id.hex
-
-    def find_sent(self, to: str, body: str, *, since: datetime) -> list[SentRecord]:
-        return []
 
 
 def _body(user: uuid.UUID, i: int) -> dict[str, Any]:
@@ -134,7 +126,7 @@ def _per(store: CountingStore, n: int, fn: Callable[[], None]) -> tuple[float, f
 
 
 def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figure]:
-    tasks = RecordingTaskQueue()
+    tasks = InProcessTasks()
     container = bootstrap.Container(Settings(), store=store, tasks=tasks)
     previous = bootstrap.install(container)
     try:
@@ -185,7 +177,7 @@ def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figu
 
 
 def _deliver_figures(store: CountingStore, url_users: list[uuid.UUID]) -> list[Figure]:
-    tasks = RecordingTaskQueue()
+    tasks = InProcessTasks()
     config = bootstrap.Container(Settings()).policy
     sms = FakeSms()
     ids: list[uuid.UUID] = []
@@ -195,7 +187,7 @@ def _deliver_figures(store: CountingStore, url_users: list[uuid.UUID]) -> list[F
         if result.message.scheduled_for != T0:
             raise RuntimeError("a delivery benchmark message was not due at once")
         ids.append(result.message.id)
-    clock = VirtualClock(T0 + timedelta(seconds=1))
+    clock = Clock(T0 + timedelta(seconds=1))
 
     def deliver(batch: list[uuid.UUID], wall: list[float]) -> None:
         started = time.perf_counter()
@@ -239,23 +231,19 @@ def _deliver_figures(store: CountingStore, url_users: list[uuid.UUID]) -> list[F
     ]
 
 
-def run(tmp: Path) -> list[Figure]:
-    cluster = PgCluster(tmp / "pg")
-    try:
-        with cluster.fresh_database() as url:
-            store = CountingStore(url, max_size=Settings().db_pool_max)
-            try:
-                users = [
-                    uuid.UUID(store.upsert_user(f"+1555{i:07d}", TIMEZONES[i % len(TIMEZONES)])["id"])
-                    for i in range(USERS)
-                ]
-                figures = _schedule_figures(store, users)
-                fresh = [
-                    uuid.UUID(store.upsert_user(f"+1556{i:07d}", "UTC")["id"]) for i in range(2 * DELIVERIES)
-                ]
-                figures += _deliver_figures(store, fresh)
-            finally:
-                store.close()
-    finally:
-        cluster.stop()
+def run(pg: Postgres) -> list[Figure]:
+    with pg.database() as url:
+        store = CountingStore(url, max_size=Settings().db_pool_max)
+        try:
+            users = [
+                uuid.UUID(store.upsert_user(f"+1555{i:07d}", TIMEZONES[i % len(TIMEZONES)])["id"])
+                for i in range(USERS)
+            ]
+            figures = _schedule_figures(store, users)
+            fresh = [
+                uuid.UUID(store.upsert_user(f"+1556{i:07d}", "UTC")["id"]) for i in range(2 * DELIVERIES)
+            ]
+            figures += _deliver_figures(store, fresh)
+        finally:
+            store.close()
     return figures

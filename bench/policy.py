@@ -25,6 +25,11 @@ TIMEZONES = (
 NOW = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
 CASES = 2_000
 SECONDS = 2.0
+ABOUT = (
+    f"`shared.policy.plan` and `check_now` on {CASES:,} cases: users in several timezones, 0-10 sends "
+    "in the last day, a few reservations, mixed lanes; each for "
+    f"{SECONDS:.0f} s after a warm-up."
+)
 
 Case = tuple[UserSettings, History, datetime, str, bool]
 Decide = Callable[[UserSettings, Limits, History, datetime, str, bool], Decision]

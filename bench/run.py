@@ -4,6 +4,7 @@ not enforced); a benchmark that crashes is reported as an error row instead of a
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -64,27 +65,79 @@ def _guarded(name: str, fn: Callable[[], list[Figure]]) -> list[Figure]:
         return [Figure(name, None, "", note="benchmark crashed, see stderr")]
 
 
+@dataclass(frozen=True)
+class Section:
+    title: str
+    about: str
+    figures: list[Figure]
+    seconds: float
+
+    def text(self) -> str:
+        return "\n".join([f"## {self.title} ({self.seconds:.0f} s)", "", self.about, "", table(self.figures)])
+
+
+def _section(title: str, about: str, fn: Callable[[], list[Figure]]) -> Section:
+    started = time.perf_counter()
+    figures = _guarded(title, fn)
+    return Section(title, about, figures, time.perf_counter() - started)
+
+
+HISTORY = "## History"
+
+
+def _history() -> str:
+    """The hand-kept "## History" part of the previous results.md (before/after records): kept."""
+    try:
+        old = RESULTS.read_text()
+    except FileNotFoundError:
+        return ""
+    at = old.find("\n" + HISTORY)
+    return old[at + 1 :].rstrip() + "\n" if at >= 0 else ""
+
+
 def main() -> int:
     logging.disable(logging.INFO)  # the use cases log every message; logging is not what is measured
-    from bench import db, policy
+    from bench import claims, db, lateness, policy, sweep
+    from bench.support import Postgres
 
     started = time.perf_counter()
-    figures = _guarded("policy", policy.run)
+    sections = [_section("Policy", policy.ABOUT, policy.run)]
+    database = (
+        ("Schedule and deliver", db),
+        ("Sweep", sweep),
+        ("Lateness", lateness),
+        ("Claim path", claims),
+    )
     with tempfile.TemporaryDirectory(prefix="mq-bench-") as tmp:
-        figures += _guarded("database", lambda: db.run(Path(tmp)))
+        pg: Postgres | None = None
+        try:
+            pg = Postgres(Path(tmp) / "pg")
+        except Exception:
+            traceback.print_exc()
+        for title, module in database:
+            if pg is None:
+                sections.append(
+                    Section(title, module.ABOUT, [Figure(title, None, "", note="no PostgreSQL")], 0)
+                )
+                continue
+            sections.append(_section(title, module.ABOUT, lambda m=module, server=pg: m.run(server)))
+        if pg is not None:
+            pg.stop()
     elapsed = time.perf_counter() - started
 
+    history = _history()
     text = "\n".join(
         [
             "# Benchmarks",
             "",
-            f"`make bench` on {sys.platform}, Python {sys.version.split()[0]}; "
+            f"`make bench` on {sys.platform}, Python {sys.version.split()[0]}, {os.cpu_count()} cores; "
             f"embedded PostgreSQL on the same machine; took {elapsed:.0f} s. "
             "Latency and throughput are in-process (functions-framework test client), so they exclude "
-            "the network and Cloud Functions' own overhead. Targets are reported, not enforced.",
+            "the network and Cloud Functions' own overhead. Cloud Tasks and Twilio are faked in-process. "
+            "Targets are reported, not enforced.",
             "",
-            table(figures),
-            "",
+            *(s.text() + "\n" for s in sections),
+            *([history] if history else []),
         ]
     )
     RESULTS.write_text(text)

@@ -80,9 +80,9 @@ begin
             return jsonb_build_object('created', false, 'message', mq_message_doc(v_row));
         end if;
     end if;
-    -- The user's row lock orders this against claims and other enqueues for the same user, so a
-    -- superseded message is never claimed halfway through being replaced.
-    perform 1 from users where id = p_user_id for no key update;
+    -- No user lock: superseding older rows takes their row locks, which a claim in progress holds
+    -- until it commits (a row being claimed is then no longer queued and is left alone).
+    perform 1 from users where id = p_user_id;
     if not found then
         return jsonb_build_object('error', 'unknown_user');
     end if;

@@ -1,0 +1,241 @@
+"""Our claim path against pgqueuer's dequeue, on the same PostgreSQL (separate databases).
+
+- pgqueuer (the anchor): PGQ_JOBS jobs enqueued, then drained by QueueManagers (its worker, in
+  drain mode, its default batch of 10, a no-op entrypoint; each job is dequeued and acknowledged,
+  i.e. moved to pgqueuer_log), with psycopg's async driver, from 1 and from 2 workers; timed from
+  the first job to the last (the workers' start-up and drain-mode shutdown left out). Acks are
+  buffered: the last batch's may land after the last job ran.
+- Ours: CLAIMS queued messages, two per user (so the second round counts a send of the first), each
+  `store.claim(...)` (mq_claim: the user's row lock, then cooldown, hourly, daily and in-flight
+  checks) then `store.record_sent(...)` with a fake sid, in a tight loop from 1 and from 2 threads.
+  That is deliver's claim and acknowledgement without delivery_context, the policy or Twilio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from bench.run import Figure
+from bench.support import Postgres
+from bench.sweep import T0, seed_queued, seed_users
+from shared import policy
+from shared.config import Settings
+from shared.store.postgres import PostgresStore
+
+PGQ_JOBS = 4_000
+PGQ_JOBS_BATCH1 = 1_000
+PGQ_BATCH = 10  # pgqueuer's default batch_size
+CLAIMS = 2_000
+ROUNDS = 3
+ROUND_GAP = timedelta(minutes=2)  # between a user's two messages: past the cooldown
+TARGET_RATIO = 0.5
+ABOUT = (
+    "The anchor: pgqueuer's QueueManager (drain mode, batch 10, no-op job; each job dequeued and "
+    "acknowledged) on the same PostgreSQL, psycopg async driver on uvloop. Ours: `store.claim` "
+    "(mq_claim: the user's lock, in-flight, cooldown, hourly and daily checks) then `store.record_sent` "
+    "with a fake sid, per message, two messages per user, in a tight loop. Same worker counts side by side."
+)
+
+Pending = tuple[uuid.UUID, int, str]  # message id, generation, timezone
+
+
+async def _pgqueuer_drain(url: str, jobs: int, workers: int, batch: int) -> tuple[int, float]:
+    from pgqueuer.adapters.drivers.psycopg import PsycopgDriver
+    from pgqueuer.core.qm import QueueManager
+    from pgqueuer.domain.types import QueueExecutionMode
+    from pgqueuer.models import Job
+    from pgqueuer.queries import Queries
+
+    admin = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        queries = Queries(PsycopgDriver(admin))
+        await queries.install()
+        chunk = 5_000
+        for start in range(0, jobs, chunk):
+            k = min(chunk, jobs - start)
+            await queries.enqueue(["bench"] * k, [b"x"] * k, [0] * k)
+        await admin.execute("analyze")
+        done = 0
+        first = last = 0.0
+        managers: list[QueueManager] = []
+        connections = []
+        for _ in range(workers):
+            conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+            connections.append(conn)
+            qm = QueueManager(Queries(PsycopgDriver(conn)))
+
+            @qm.entrypoint("bench")
+            async def job(_: Job) -> None:
+                nonlocal done, first, last
+                last = time.perf_counter()
+                if not done:
+                    first = last
+                done += 1
+
+            managers.append(qm)
+        await asyncio.gather(
+            *(
+                qm.run(
+                    batch_size=batch,
+                    mode=QueueExecutionMode.drain,
+                    dequeue_timeout=timedelta(seconds=1),
+                    log_aggregation_interval=timedelta(0),
+                )
+                for qm in managers
+            )
+        )
+        row = await (await admin.execute("select count(*) from pgqueuer")).fetchone()
+        left = int(row[0]) if row else -1
+        if left != 0 or done != jobs:
+            raise RuntimeError(f"pgqueuer drained {done} of {jobs}, {left} left in its queue")
+        for conn in connections:
+            await conn.close()
+        # From the first job to the last: the workers' start (schema checks, LISTEN) and their
+        # drain-mode shutdown are not the dequeue rate.
+        return done - 1, last - first
+    finally:
+        await admin.close()
+
+
+def pgqueuer_rate(pg: Postgres, workers: int, *, jobs: int = PGQ_JOBS, batch: int = PGQ_BATCH) -> float:
+    with pg.database(migrated=False) as url:
+        done, wall = _run_async(_pgqueuer_drain(url, jobs, workers, batch))
+    return done / wall
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        import uvloop  # pgqueuer's own benchmark runs on uvloop; it comes with pgqueuer
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _claim_and_record(store: PostgresStore, items: list[Pending], now: datetime) -> None:
+    limits = Settings().limits
+    for mid, generation, tz in items:
+        local_date, day_start, day_end = policy.local_day_bounds(tz, now)
+        claim = store.claim(
+            mid,
+            generation,
+            now,
+            limits=limits,
+            daily_cap=limits.cap("medium", True),
+            day_start=day_start,
+            day_end=day_end,
+            lease_seconds=120,
+        )
+        if not claim.claimed or claim.token is None:
+            raise RuntimeError(f"claim refused: {claim.reason}")
+        if not store.record_sent(
+            mid, claim.token, sid="SM" + mid.hex, body="bench", now=now, local_date=local_date.isoformat()
+        ):
+            raise RuntimeError("record_sent did not record")
+
+
+def _threads(n: int, work: Callable[[int], None]) -> float:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n + 1)
+
+    def worker(k: int) -> None:
+        try:
+            barrier.wait()
+            work(k)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in pool:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in pool:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return wall
+
+
+def claims_rate(pg: Postgres, threads: int, *, n: int = CLAIMS) -> float:
+    """Claims + acknowledgements per second: n messages, two per user, the first round at T0 and
+    the second ROUND_GAP later (each claim there counts the user's first send)."""
+    users = n // 2
+    with pg.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            seed_users(conn, users, prefix="+1559")
+            seed_queued(
+                conn,
+                n,
+                prefix="+1559",
+                scheduled_from=T0 - timedelta(minutes=1),
+                spread_seconds=1,
+                touched_at=T0 - timedelta(minutes=1),
+            )
+            rows = conn.execute(
+                "select q.id, q.task_generation, u.timezone, u.phone_number from message_queue q"
+                " join users u on u.id = q.user_id order by u.phone_number, q.id"
+            ).fetchall()
+        first: list[Pending] = [(r[0], r[1], r[2]) for r in rows[0::2]]
+        second: list[Pending] = [(r[0], r[1], r[2]) for r in rows[1::2]]
+        store = PostgresStore(url, max_size=max(2, threads))
+        try:
+            _claim_and_record(store, first[:50], T0)  # warm the pool and the plans
+            first = first[50:]
+            wall = 0.0
+            for items, now in ((first, T0), (second, T0 + ROUND_GAP)):
+                shares = [items[k::threads] for k in range(threads)]
+                wall += _threads(threads, lambda k, s=shares, at=now: _claim_and_record(store, s[k], at))
+            return (len(first) + len(second)) / wall
+        finally:
+            store.close()
+
+
+def run(pg: Postgres) -> list[Figure]:
+    """Rounds alternate pgqueuer and ours, so that drift in the machine's speed (a shared VM) hits
+    both alike; the figures are medians over the rounds, the ratio the median of the rounds' ratios."""
+    figures: list[Figure] = []
+    pgq_note = f"{PGQ_JOBS:,} jobs, batch {PGQ_BATCH}, dequeue + ack, median of {ROUNDS}"
+    ours_note = f"{CLAIMS:,} messages, 2 per user, mq_claim + mq_record_sent each, median of {ROUNDS}"
+    for workers in (1, 2):
+        pgq: list[float] = []
+        mine: list[float] = []
+        for _ in range(ROUNDS):
+            pgq.append(pgqueuer_rate(pg, workers))
+            mine.append(claims_rate(pg, workers))
+        ratio = statistics.median(m / q for m, q in zip(mine, pgq, strict=True))
+        unit = "worker" if workers == 1 else "workers"
+        figures += [
+            Figure(f"pgqueuer jobs/s, {workers} {unit}", statistics.median(pgq), "/s", note=pgq_note),
+            Figure(
+                f"claim path claims/s, {workers} {'thread' if workers == 1 else 'threads'}",
+                statistics.median(mine),
+                "/s",
+                note=ours_note,
+            ),
+            Figure(
+                f"claim path / pgqueuer, {workers} each",
+                ratio,
+                "×",
+                TARGET_RATIO,
+                note=f"rounds: {', '.join(f'{m / q:.2f}' for m, q in zip(mine, pgq, strict=True))}",
+            ),
+        ]
+    figures.append(
+        Figure(
+            "pgqueuer jobs/s, 1 worker, batch 1",
+            pgqueuer_rate(pg, 1, jobs=PGQ_JOBS_BATCH1, batch=1),
+            "/s",
+            note="one dequeue and one ack per job, as our path has per message",
+        )
+    )
+    return figures

@@ -1,0 +1,250 @@
+"""`python -m bench.profile`: where the sweep's and the claim path's time goes; writes
+bench/profile.md and prints it. Not part of `make bench` (it takes about a minute more).
+
+- Python: pyinstrument over one sweep (batch 2000) and over the claim loop (1 thread).
+- The database: pg_stat_user_functions (track_functions = all) for the time inside each mq_
+  function, pg_stat_wal (track_wal_io_timing) for the commits' WAL syncs, and EXPLAIN ANALYZE of
+  mq_sweep_overdue's statement as the SQL function runs it (a generic plan: PostgreSQL 16 plans a
+  LANGUAGE sql function's statements without its arguments' values) against a custom plan, on a
+  fresh backlog and on one half drained.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from pyinstrument import Profiler
+
+from bench import claims, sweep
+from bench.support import Postgres
+from bench.sweep import T0, seed_queued, seed_users
+from shared.store.postgres import PostgresStore
+
+OUT = Path(__file__).resolve().parent / "profile.md"
+CLAIMS = 4_000
+
+
+def _tree(profiler: Profiler, lines: int = 45) -> str:
+    text = profiler.output_text(unicode=False, color=False, show_all=False, timeline=False)
+    body = [x for x in text.splitlines() if x.strip()]
+    return "\n".join(body[:lines])
+
+
+def _sql_body(conn: psycopg.Connection[Any], function: str) -> tuple[str, str]:
+    """A LANGUAGE sql function's statement with its named arguments as $n, and their types."""
+    row = conn.execute(
+        "select prosrc, pg_get_function_identity_arguments(oid) from pg_proc where proname = %s", [function]
+    ).fetchone()
+    assert row is not None
+    src, args = str(row[0]), str(row[1])
+    names = [a.split()[0] for a in args.split(", ")]
+    types = [" ".join(a.split()[1:]) for a in args.split(", ")]
+    for k, name in enumerate(names, 1):
+        src = re.sub(rf"\b{name}\b", f"${k}", src)
+    return src.strip().rstrip(";"), ", ".join(types)
+
+
+def _explain(conn: psycopg.Connection[Any], mode: str, limit: int) -> list[str]:
+    conn.execute(f"set plan_cache_mode = {mode}")
+    with conn.transaction(force_rollback=True):
+        rows = conn.execute(
+            f"explain (analyze, costs off, summary on) execute sweep_stmt('{T0.isoformat()}', 120, {limit})"
+        ).fetchall()
+    conn.execute("reset plan_cache_mode")
+    keep = (
+        "Aggregate",
+        "Limit",
+        "Index Scan",
+        "Seq Scan",
+        "Hash Join",
+        "Nested Loop",
+        "Update on",
+        "Rows Removed",
+    )
+    return [str(r[0]) for r in rows if any(k in str(r[0]) for k in keep) or "Execution Time" in str(r[0])]
+
+
+def _call_ms(conn: psycopg.Connection[Any], limit: int, repeat: int = 5) -> float:
+    """Median milliseconds of one mq_sweep_overdue call (each re-tasks `limit` more rows)."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        conn.execute("select jsonb_array_length(mq_sweep_overdue(%s, 120, %s))", [T0, limit]).fetchone()
+        times.append((time.perf_counter() - started) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def sweep_profile(pg: Postgres) -> list[str]:
+    out = ["## Sweep", ""]
+    with sweep.backlog_database(pg) as url, psycopg.connect(url, autocommit=True) as conn:
+        language = conn.execute(
+            "select l.lanname from pg_proc p join pg_language l on l.oid = p.prolang"
+            " where p.proname = 'mq_sweep_overdue'"
+        ).fetchone()
+        sql_function = language is not None and language[0] == "sql"
+        if sql_function:
+            body, types = _sql_body(conn, "mq_sweep_overdue")
+            conn.execute(f"prepare sweep_stmt({types}) as {body}")
+            for mode, label in (
+                ("force_generic_plan", "as the SQL function runs it (generic plan)"),
+                ("force_custom_plan", "with its arguments' values (custom plan)"),
+            ):
+                out += [
+                    f"Fresh backlog, limit 200, {label}:",
+                    "",
+                    "```",
+                    *_explain(conn, mode, 200),
+                    "```",
+                    "",
+                ]
+        else:
+            out += [
+                f"mq_sweep_overdue is LANGUAGE {language[0] if language else '?'}: its statements get "
+                "plans for their arguments' values, so the generic-plan comparison is left out.",
+                "",
+            ]
+        fresh = _call_ms(conn, 200)
+        done = 0
+        while done < sweep.BACKLOG // 2:
+            row = conn.execute("select jsonb_array_length(mq_sweep_overdue(%s, 120, 2000))", [T0]).fetchone()
+            done += int(row[0]) if row else 0
+        half = _call_ms(conn, 200)
+        out += [
+            f"One mq_sweep_overdue call of 200 rows: {fresh:.1f} ms on the fresh backlog, {half:.1f} ms "
+            f"half drained ({done:,} re-tasked rows still queued). Flat: draining is linear in the "
+            "backlog; growing: quadratic (each batch walks past the rows the earlier ones re-tasked).",
+            "",
+        ]
+        if sql_function:
+            out += [
+                "Half drained, limit 200, custom plan:",
+                "",
+                "```",
+                *_explain(conn, "force_custom_plan", 200),
+                "```",
+                "",
+            ]
+    with sweep.backlog_database(pg) as url:
+        profiler = Profiler(interval=0.001)
+        profiler.start()
+        drain = sweep.drain_with_sweep(url, batch=sweep.BIG_BATCH, budget_seconds=600)
+        profiler.stop()
+    out += [
+        f"pyinstrument, one sweep, batch {sweep.BIG_BATCH}: {drain.retasked:,} in {drain.wall:.1f} s "
+        f"({drain.rate:,.0f}/s), {drain.store_seconds.get('mq_sweep_overdue', 0):.1f} s in "
+        "mq_sweep_overdue calls:",
+        "",
+        "```",
+        _tree(profiler),
+        "```",
+        "",
+    ]
+    return out
+
+
+def claims_profile(pg: Postgres) -> list[str]:
+    out = ["## Claim path", ""]
+    with pg.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            db = conn.info.dbname
+            conn.execute(f"alter database {db} set track_functions = 'all'")
+            conn.execute(f"alter database {db} set track_wal_io_timing = on")
+            seed_users(conn, CLAIMS // 2, prefix="+1559")
+            seed_queued(
+                conn,
+                CLAIMS,
+                prefix="+1559",
+                scheduled_from=T0 - timedelta(minutes=1),
+                spread_seconds=1,
+                touched_at=T0 - timedelta(minutes=1),
+            )
+            rows = conn.execute(
+                "select q.id, q.task_generation, u.timezone from message_queue q"
+                " join users u on u.id = q.user_id order by u.phone_number, q.id"
+            ).fetchall()
+        first: list[claims.Pending] = [(r[0], r[1], r[2]) for r in rows[0::2]]
+        second: list[claims.Pending] = [(r[0], r[1], r[2]) for r in rows[1::2]]
+        store = PostgresStore(url, max_size=2)
+        try:
+            claims._claim_and_record(store, first[:50], T0)
+            first = first[50:]
+            n = len(first) + len(second)
+            started = time.perf_counter()
+            for _ in range(n):
+                store.call("abs", [1])
+            trivial = (time.perf_counter() - started) / n
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("select pg_stat_reset(), pg_stat_reset_shared('wal')")
+            time.sleep(0.6)
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+            started = time.perf_counter()
+            cpu = time.process_time()
+            claims._claim_and_record(store, first, T0)
+            claims._claim_and_record(store, second, T0 + claims.ROUND_GAP)
+            cpu = time.process_time() - cpu
+            wall = time.perf_counter() - started
+            profiler.stop()
+        finally:
+            store.close()
+        time.sleep(1.0)  # statistics reach the cumulative views within a second
+        with psycopg.connect(url, autocommit=True) as conn:
+            funcs = conn.execute(
+                "select funcname, calls, total_time, self_time from pg_stat_user_functions"
+                " order by total_time desc"
+            ).fetchall()
+            wal = conn.execute("select wal_sync, wal_sync_time, wal_write_time from pg_stat_wal").fetchone()
+    us = 1e6 / n
+    out += [
+        f"{n:,} messages from 1 thread: {wall:.2f} s, {n / wall:,.0f}/s, {wall * us:,.0f} µs per message "
+        f"(2 store calls); the Python process used {cpu * us:,.0f} µs of CPU per message "
+        "(pyinstrument's own overhead included). A trivial `select abs(1)` through the same store: "
+        f"{trivial * 1e6:,.0f} µs per call.",
+        "",
+        "| inside the database, per message | µs |",
+        "|---|---|",
+    ]
+    for name, calls, total, own in funcs:
+        out.append(
+            f"| {name} ({calls / n:.1f} calls; self {own * 1000 / n:,.0f} µs) | {total * 1000 / n:,.0f} |"
+        )
+    if wal is not None:
+        out.append(f"| WAL sync at commit ({wal[0] / n:.1f} syncs) | {(wal[1] or 0) * 1000 / n:,.0f} |")
+    out += ["", "pyinstrument, the claim loop:", "", "```", _tree(profiler, 30), "```", ""]
+    return out
+
+
+def main() -> int:
+    import logging
+
+    logging.disable(logging.INFO)
+    with tempfile.TemporaryDirectory(prefix="mq-profile-") as tmp:
+        pg = Postgres(Path(tmp) / "pg")
+        try:
+            text = "\n".join(
+                [
+                    "# Profiles",
+                    "",
+                    f"`python -m bench.profile` on {sys.platform}, Python {sys.version.split()[0]}, embedded "
+                    "PostgreSQL on the same machine. See the module's docstring for what is measured.",
+                    "",
+                    *sweep_profile(pg),
+                    *claims_profile(pg),
+                ]
+            )
+        finally:
+            pg.stop()
+    OUT.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
