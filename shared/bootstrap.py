@@ -70,6 +70,7 @@ class Container:
             health_stale_seconds=s.health_stale_seconds,
             render_max_length=s.render_max_length,
             account_caps=s.account_caps,
+            sweep_task_concurrency=s.sweep_task_concurrency,
         )
 
     @property

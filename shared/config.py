@@ -83,6 +83,7 @@ class Settings:
     sweep_grace_seconds: int = 120
     sweep_batch_size: int = 200
     sweep_time_budget_seconds: int = 50
+    sweep_task_concurrency: int = 16
     health_stale_seconds: int = 300
     log_level: str = "INFO"
 
@@ -139,6 +140,7 @@ class Settings:
             sweep_grace_seconds=_int(e, "SWEEP_GRACE_SECONDS", 120, minimum=0),
             sweep_batch_size=_int(e, "SWEEP_BATCH_SIZE", 200, minimum=1),
             sweep_time_budget_seconds=_int(e, "SWEEP_TIME_BUDGET_SECONDS", 50, minimum=1),
+            sweep_task_concurrency=_int(e, "SWEEP_TASK_CONCURRENCY", 16, minimum=1),
             health_stale_seconds=_int(e, "HEALTH_STALE_SECONDS", 300, minimum=1),
             log_level=(_str(e, "LOG_LEVEL") or "INFO").upper(),
         )

@@ -348,3 +348,48 @@ def test_health_reports_the_queue_and_the_sweep(
         assert (status, body["reason"]) == (503, "database_unavailable")
     finally:
         dead.close()
+
+
+class SlowTaskQueue(RecordingTaskQueue):
+    """Cloud Tasks with a network round trip per call: counts how many calls were in flight at once,
+    and fails the creation for some messages."""
+
+    def __init__(self, fail_for: set[uuid.UUID]) -> None:
+        super().__init__()
+        self.fail_for = fail_for
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._gate = threading.Lock()
+
+    def schedule(self, message_id: uuid.UUID, generation: int, at: datetime, now: datetime) -> str | None:
+        from shared.errors import Unavailable
+
+        with self._gate:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            threading.Event().wait(0.02)
+            if message_id in self.fail_for:
+                raise Unavailable("injected create failure")
+            return super().schedule(message_id, generation, at, now)
+        finally:
+            with self._gate:
+                self.in_flight -= 1
+
+
+def test_a_batch_of_lost_tasks_is_recreated_several_at_a_time_and_failures_are_counted(
+    store: PostgresStore, twilio_sender: TwilioSender
+) -> None:
+    ids = []
+    for i in range(24):
+        user = make_user(store, phone=f"+1555444{i:04d}")
+        ids.append(schedule(store, RecordingTaskQueue(), user, T0, policy=POLICY).message.id)
+    slow = SlowTaskQueue(fail_for=set(ids[:3]))
+    config = service.Policy(limits=Limits(), sweep_grace_seconds=120, sweep_task_concurrency=8)
+
+    report = sweep(store, slow, twilio_sender, T0 + timedelta(minutes=3), config)
+
+    assert report.overdue_requeued == 24 and report.task_errors == 3
+    assert {t.message_id for t in slow.tasks} == set(ids[3:])
+    assert all(t.generation == 1 for t in slow.tasks)
+    assert slow.most_in_flight > 1  # several Cloud Tasks calls were in flight together
