@@ -231,6 +231,32 @@ def _deliver_figures(store: CountingStore, url_users: list[uuid.UUID]) -> list[F
     ]
 
 
+def _schedule_matched_pool(url: str, users: list[uuid.UUID]) -> list[Figure]:
+    """8 clients again with DB_POOL_MAX = 8, one connection per request in flight: what an operator
+    sets when an instance takes that many requests at once (deployed instances take one)."""
+    store = CountingStore(url, max_size=THREADS)
+    previous = bootstrap.install(bootstrap.Container(Settings(), store=store, tasks=InProcessTasks()))
+    try:
+        _load(users, THREADS, 20, 40_000)  # warm the pool's connections
+        multi, wall = _load(users, THREADS, PER_THREAD, 50_000)
+    finally:
+        bootstrap.install(previous)
+        store.close()
+    note = f"pool max {THREADS} (DB_POOL_MAX = clients)"
+    return [
+        Figure(f"schedule_message p50, {THREADS} clients", _pct(multi, 50), "ms", note=note),
+        Figure(
+            f"schedule_message p99, {THREADS} clients",
+            _pct(multi, 99),
+            "ms",
+            15,
+            higher_is_better=False,
+            note=note,
+        ),
+        Figure(f"schedule_message req/s, {THREADS} clients", len(multi) / wall, "/s", 300, note=note),
+    ]
+
+
 def run(pg: Postgres) -> list[Figure]:
     with pg.database() as url:
         store = CountingStore(url, max_size=Settings().db_pool_max)
@@ -240,6 +266,7 @@ def run(pg: Postgres) -> list[Figure]:
                 for i in range(USERS)
             ]
             figures = _schedule_figures(store, users)
+            figures += _schedule_matched_pool(url, users)
             fresh = [
                 uuid.UUID(store.upsert_user(f"+1556{i:07d}", "UTC")["id"]) for i in range(2 * DELIVERIES)
             ]
