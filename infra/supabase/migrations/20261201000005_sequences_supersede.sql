@@ -1,4 +1,6 @@
--- Sequences (one agent turn sent as 2 to 5 SMS parts), supersede by topic, and cancel.
+-- Sequences (one agent turn sent as 2 to 5 SMS parts), supersede by topic, and cancel. A part may
+-- be structured too (like messageData without content): part_data holds its fields and content
+-- is '' until a Renderer writes the text (mq_record_part_render); no part is sent without it.
 --
 -- A sequence is ONE message_queue row (the head): it is planned, claimed, counted toward every
 -- limit and budget once, and finishes 'sent' when its last part went out. Its parts live in
@@ -24,6 +26,7 @@ create table if not exists message_parts (
     twilio_message_sid text,
     delivered_message_id uuid references messages (id),
     sent_at            timestamptz,
+    part_data          jsonb,  -- a structured part's fields; content is '' until it is rendered
     primary key (message_id, position),
     constraint message_parts_sent_has_sid check (status <> 'sent' or twilio_message_sid is not null)
 );
@@ -35,7 +38,8 @@ language sql stable as $$
     select case when p_row.part_count = 0 then to_jsonb(p_row) else to_jsonb(p_row) || jsonb_build_object(
         'parts', (select coalesce(jsonb_agg(jsonb_build_object(
                       'position', p.position, 'content', p.content, 'delay_seconds', p.delay_seconds,
-                      'status', p.status, 'twilio_message_sid', p.twilio_message_sid, 'sent_at', p.sent_at)
+                      'status', p.status, 'twilio_message_sid', p.twilio_message_sid, 'sent_at', p.sent_at,
+                      'data', p.part_data)
                       order by p.position), '[]'::jsonb)
                   from message_parts p where p.message_id = p_row.id)) end;
 $$;
@@ -77,6 +81,16 @@ language sql as $$
         'phone_number', u.phone_number,
         'timezone', u.timezone)), '[]'::jsonb)
     from taken t join users u on u.id = t.user_id;
+$$;
+
+-- A sequence's parts, in order: p_parts = [{content, delay_seconds, data?}, ...].
+create or replace function mq_insert_parts(p_message_id uuid, p_parts jsonb)
+returns void
+language sql as $$
+    insert into message_parts (message_id, position, content, delay_seconds, part_data)
+    select p_message_id, e.ord::integer, coalesce(e.part ->> 'content', ''),
+           coalesce((e.part ->> 'delay_seconds')::integer, 1), e.part -> 'data'
+    from jsonb_array_elements(p_parts) with ordinality as e(part, ord);
 $$;
 
 -- mq_enqueue gains the topic and the parts; the old signature goes, so PostgREST sees one function.
@@ -146,9 +160,7 @@ begin
         return jsonb_build_object('created', false, 'message', mq_message_doc(v_row));
     end if;
     if p_parts is not null then
-        insert into message_parts (message_id, position, content, delay_seconds)
-        select v_row.id, e.ord::integer, e.part ->> 'content', coalesce((e.part ->> 'delay_seconds')::integer, 1)
-        from jsonb_array_elements(p_parts) with ordinality as e(part, ord);
+        perform mq_insert_parts(v_row.id, p_parts);
     end if;
     if p_topic_key is not null then
         with older as (
@@ -361,5 +373,28 @@ begin
     perform mq_log_action('cancelled', v_row.user_id, p_message_id, jsonb_build_object('agentId', p_agent_id),
         jsonb_build_object('reason', p_reason), null, p_now);
     return jsonb_build_object('cancelled', true, 'already', false, 'message', mq_message_doc(v_row));
+end;
+$$;
+
+-- The rendered text of one structured part of a queued sequence (logged with the call's usage).
+create or replace function mq_record_part_render(
+    p_message_id uuid, p_position integer, p_text text, p_usage jsonb, p_now timestamptz)
+returns jsonb
+language plpgsql as $$
+declare
+    v_user_id uuid;
+begin
+    select user_id into v_user_id from message_queue where id = p_message_id and status = 'queued' for update;
+    if not found then
+        return to_jsonb(false);
+    end if;
+    update message_parts set content = p_text
+    where message_id = p_message_id and position = p_position and status = 'pending';
+    if not found then
+        return to_jsonb(false);
+    end if;
+    perform mq_log_model_call(v_user_id, p_message_id, 'rendered', p_usage,
+        jsonb_build_object('length', char_length(p_text), 'part', p_position), null, p_now);
+    return to_jsonb(true);
 end;
 $$;
