@@ -276,3 +276,38 @@ def test_a_burst_at_0800_drains_at_the_configured_rate_urgent_first(
         " and output_data ->> 'reason' like 'account_%%'",
     )
     assert deferred[0][0] > 0
+
+
+def test_account_caps_hold_under_concurrent_deliveries(
+    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender, database_url: str
+) -> None:
+    """20 deliveries racing at one instant, on real connections: the account's per-second cap lets
+    exactly 5 through; the others wait for a later second."""
+    import threading
+
+    config = service.Policy(limits=Limits(), account_caps=AccountCaps(per_second=5, hourly=100))
+    ids = [
+        schedule(store, tasks, make_user(store), MONDAY, policy=config, content=f"m{i}").message.id
+        for i in range(20)
+    ]
+    barrier = threading.Barrier(len(ids))
+    outcomes: list[Outcome] = []
+
+    def run(mid: uuid.UUID) -> None:
+        barrier.wait()
+        outcomes.append(deliver(store, tasks, twilio_sender, MONDAY, mid, 0, config))
+
+    threads = [threading.Thread(target=run, args=(mid,)) for mid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.action for o in outcomes) == ["deferred"] * 15 + ["sent"] * 5
+    assert {o.reason for o in outcomes if o.action == "deferred"} == {"account_throughput"}
+    assert all(
+        o.scheduled_for and o.scheduled_for >= MONDAY + timedelta(seconds=1)
+        for o in outcomes
+        if o.action == "deferred"
+    )
+    sent = sql(database_url, "select count(*) from message_queue where status = 'sent'")
+    assert sent == [(5,)]
