@@ -3,8 +3,6 @@ through the real use cases on real Postgres and the SMS sink, on a virtual clock
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
@@ -18,8 +16,9 @@ from shared.models import AccountCaps, Outcome
 from shared.policy import Limits
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.driver import TaskDriver
 from tests.support.factories import make_user, schedule, sql
-from tests.support.fakes import RecordedTask, RecordingTaskQueue, VirtualClock
+from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
 MONDAY = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)  # Monday 17:00 in Berlin, 11:00 in New York
 POLICY = service.Policy(limits=Limits(), max_attempts=3)
@@ -58,43 +57,6 @@ def deliver(
         config=config,
         clock=VirtualClock(now),
     )
-
-
-class Driver:
-    """Fires the recorded Cloud Tasks in time order on a virtual clock, as the queue would."""
-
-    def __init__(
-        self, store: PostgresStore, tasks: RecordingTaskQueue, sender: TwilioSender, config: service.Policy
-    ):
-        self.store, self.tasks, self.sender, self.config = store, tasks, sender, config
-        self.clock = VirtualClock(MONDAY)
-        self.heap: list[tuple[datetime, int, int, RecordedTask]] = []
-        self.seen = 0
-        self.seq = itertools.count()
-        self.calls = 0
-
-    def _collect(self, order: dict[uuid.UUID, int]) -> None:
-        for task in self.tasks.tasks[self.seen :]:
-            heapq.heappush(self.heap, (task.at, order.get(task.message_id, 0), next(self.seq), task))
-        self.seen = len(self.tasks.tasks)
-
-    def run(self, until: datetime, order: dict[uuid.UUID, int] | None = None) -> None:
-        """`order`: among tasks due at the same instant, lower fires first (to play the worst case)."""
-        order = order or {}
-        self._collect(order)
-        while self.heap and self.heap[0][0] <= until:
-            at, _, _, task = heapq.heappop(self.heap)
-            self.clock.now = max(self.clock.now, at)
-            self.calls += 1
-            service.deliver(
-                {"messageId": str(task.message_id), "generation": task.generation},
-                store=self.store,
-                tasks=self.tasks,
-                sms=self.sender,
-                config=self.config,
-                clock=self.clock,
-            )
-            self._collect(order)
 
 
 def test_medium_lands_in_the_preferred_window_and_urgent_ignores_it(
@@ -164,7 +126,7 @@ def test_the_weekly_cap_holds_over_a_virtual_week(
     user = make_user(store, "America/New_York", weekly_limit=3, phone="+15553330001")
     for i in range(6):
         schedule(store, tasks, user, MONDAY, policy=POLICY, content=f"note {i}")
-    driver = Driver(store, tasks, twilio_sender, POLICY)
+    driver = TaskDriver(store, tasks, twilio_sender, POLICY, MONDAY)
     driver.run(until=MONDAY + timedelta(days=14))
 
     sent = sorted(
@@ -253,8 +215,7 @@ def test_a_burst_at_0800_drains_at_the_configured_rate_urgent_first(
         urgent.add(r.message.id)
         order[r.message.id] = 0
 
-    driver = Driver(store, tasks, twilio_sender, config)
-    driver.clock.now = eight
+    driver = TaskDriver(store, tasks, twilio_sender, config, eight)
     driver.run(until=eight + timedelta(hours=2), order=order)
 
     rows = sql(

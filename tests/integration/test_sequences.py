@@ -361,3 +361,101 @@ def test_an_idempotent_replay_of_a_sequence_answers_the_same_message(
     changed[0]["content"] = "Different"
     with pytest.raises(IdempotencyConflict):
         schedule_sequence(store, tasks, user, T0, parts=changed, idempotencyKey="turn-1")
+
+
+class FlakyTwilio:
+    """Twilio with faults, in-process (it is what leaves the machine): some sends fail before Twilio
+    has them (503), some time out after Twilio accepted them (the outcome is unknown to us)."""
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.accepted: list[tuple[str, str, uuid.UUID, str, datetime]] = []  # to, body, message, sid, at
+        self.clock: VirtualClock | None = None
+        self.refused = 0
+        self.timed_out = 0
+
+    def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
+        from shared.errors import TransientSendError
+
+        roll = self.rng.random()
+        if roll < 0.12:
+            self.refused += 1
+            raise TransientSendError("injected 503", code="20503", status=503)
+        assert self.clock is not None
+        sid = "SM" + uuid.uuid4().hex
+        self.accepted.append((to, body, message_id, sid, self.clock()))
+        if roll < 0.2:
+            self.timed_out += 1
+            err = TransientSendError("injected read timeout after Twilio accepted it")
+            err.maybe_sent = True
+            raise err
+        return sid
+
+    def find_sent(self, to: str, body: str, *, since: datetime) -> list[Any]:
+        from shared.models import SentRecord
+
+        return [
+            SentRecord(sid=sid, sent_at=at)
+            for (t, b, _, sid, at) in reversed(self.accepted)
+            if t == to and b == body and at >= since
+        ]
+
+
+@pytest.mark.parametrize("seed", [7, 11, 23])
+def test_sequences_under_twilio_faults_send_every_part_exactly_once(
+    store: PostgresStore, tasks: RecordingTaskQueue, database_url: str, seed: int
+) -> None:
+    """30 users, each with sequences and single messages, Twilio failing one send in five (some after
+    accepting it); Cloud Tasks retries and the sweep every minute. Judged from Twilio's record and
+    the database: every part of every message went out exactly once, every message is sent, and
+    each counted once in the budget."""
+    from tests.support.driver import TaskDriver
+
+    twilio = FlakyTwilio(seed=seed)
+    config = service.Policy(
+        limits=Limits(hourly_limit=10, daily_limit=50), max_attempts=20, reconcile_after_seconds=30
+    )
+    driver = TaskDriver(store, tasks, twilio, config, T0, sweep_every=timedelta(minutes=1))  # type: ignore[arg-type]
+    twilio.clock = driver.clock
+    expected: dict[uuid.UUID, list[str]] = {}
+    for u in range(30):
+        user = make_user(store)
+        for k in range(3):
+            if k % 2 == 0:
+                parts = [
+                    {"content": f"u{u} m{k} p{p}", "delaySeconds": p % 3} for p in range(1 + (u + k) % 4 + 1)
+                ]
+                body = {"userId": str(user), "agentId": "a", "sequence": parts}
+                texts = [p["content"] for p in parts]
+            else:
+                body = {"userId": str(user), "agentId": "a", "messageData": {"content": f"u{u} m{k}"}}
+                texts = [f"u{u} m{k}"]
+            result = service.schedule(body, store=store, tasks=tasks, config=config, now=T0)
+            expected[result.message.id] = texts
+
+    driver.run(until=T0 + timedelta(hours=6))
+
+    sent_bodies: dict[uuid.UUID, list[str]] = {}
+    for _, body, mid, _, _ in twilio.accepted:
+        sent_bodies.setdefault(mid, []).append(body)
+    for mid, texts in expected.items():
+        assert sorted(sent_bodies.get(mid, [])) == sorted(texts), f"{mid}: {sent_bodies.get(mid)} != {texts}"
+        assert sent_bodies[mid] == texts  # and in position order
+    statuses = sql(database_url, "select status, count(*) from message_queue group by status")
+    assert statuses == [("sent", len(expected))]
+    unsent_parts = sql(database_url, "select count(*) from message_parts where status <> 'sent'")
+    assert unsent_parts == [(0,)]
+    recorded = {
+        r[0]
+        for r in sql(database_url, "select twilio_message_sid from messages where direction = 'outbound'")
+    }
+    assert recorded == {sid for *_, sid, _ in twilio.accepted}
+    assert sql(database_url, "select sum(messages_sent) from user_message_budget") == [(len(expected),)]
+    # The faults did happen, and the paths they exercise ran.
+    assert twilio.refused >= 10 and twilio.timed_out >= 5
+    actions = dict(
+        sql(database_url, "select action_type, count(*) from agent_actions_log group by action_type")
+    )
+    assert actions.get("reconciled", 0) >= 5 and actions.get("part_sent", 0) > 0
