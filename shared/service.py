@@ -411,11 +411,10 @@ def deliver(
         return _defer(store, tasks, m, at, "priority_yield", now, fields)
     if not decision.allowed_now:
         return _replan(store, tasks, ctx, config, now, decision.reason, fields, refresh=False)
-    if m.structured or m.requires_fresh_context or any(p.needs_render for p in m.parts):
-        prepared = _prepare_content(store, tasks, renderer, ctx, config, now, fields)
-        if isinstance(prepared, Outcome):
-            return prepared
-        ctx, m = prepared, prepared.message
+    prepared = _prepare_content(store, tasks, renderer, ctx, config, now, fields)
+    if isinstance(prepared, Outcome):
+        return prepared
+    ctx, m = prepared, prepared.message
 
     limits = ctx.user.settings.limits(config.limits)
     _, day_start, day_end = policy.local_day_bounds(ctx.user.settings.timezone, now)
@@ -447,17 +446,7 @@ def deliver(
         if claim.reason.startswith("account_") and claim.retry_at is not None:
             # The whole account is at a cap: wait for the instant the database computed for it.
             at = max(claim.retry_at, now + timedelta(seconds=1))
-            if m.expires_at is not None and at >= m.expires_at:
-                store.expire(m.id, now)
-                return _outcome(
-                    logging.INFO,
-                    m.id,
-                    "expired",
-                    f"expires_before_allowed:{claim.reason}",
-                    "expired",
-                    **fields,
-                )
-            return _defer(store, tasks, m, at, claim.reason, now, fields)
+            return _defer_before_expiry(store, tasks, m, at, claim.reason, now, fields)
         # Another delivery for this user won the lock: plan again from what the database now holds.
         return _replan(store, tasks, ctx, config, now, claim.reason, fields, refresh=True)
     assert claim.token is not None
@@ -490,16 +479,27 @@ def _prepare_content(
     m = ctx.message
     turns: list[Turn] | None = None
     last_in = ctx.user.history.last_inbound_at
-    if (
+    check = (
         m.requires_fresh_context
         and last_in is not None
         and m.created_at is not None
         and last_in > m.created_at
-    ):
-        if renderer is None:
-            return _render_failed(
-                store, tasks, m, config, now, fields, RenderUnavailable("no renderer"), "relevance"
-            )
+    )
+    render_parts = (
+        m.is_sequence
+        and any(p.data is not None and not p.sent for p in m.parts)
+        and (m.requires_fresh_context or any(p.needs_render for p in m.parts))
+    )
+    render_one = m.structured and (not m.content or m.requires_fresh_context)
+    if not (check or render_parts or render_one):
+        return ctx
+    if renderer is None:
+        operation = "relevance" if check else "render"
+        return _render_failed(
+            store, tasks, m, config, now, fields, RenderUnavailable("no renderer"), operation
+        )
+    if check:
+        assert m.created_at is not None
         turns = store.conversation(m.user_id, config.conversation_turns)
         try:
             verdict = renderer.judge_relevance(
@@ -522,15 +522,7 @@ def _prepare_content(
             None,
             now,
         )
-    if (
-        m.is_sequence
-        and any(p.data is not None and not p.sent for p in m.parts)
-        and (m.requires_fresh_context or any(p.needs_render for p in m.parts))
-    ):
-        if renderer is None:
-            return _render_failed(
-                store, tasks, m, config, now, fields, RenderUnavailable("no renderer"), "render"
-            )
+    if render_parts:
         try:
             if turns is None:
                 turns = store.conversation(m.user_id, config.conversation_turns)
@@ -543,11 +535,7 @@ def _prepare_content(
                 return _outcome(logging.INFO, m.id, "skipped", "not_queued", m.status, **fields)
         m = replace(m, parts=parts, content="\n".join(p.content for p in parts))
         ctx = replace(ctx, message=m)
-    if m.structured and (not m.content or m.requires_fresh_context):
-        if renderer is None:
-            return _render_failed(
-                store, tasks, m, config, now, fields, RenderUnavailable("no renderer"), "render"
-            )
+    if render_one:
         try:
             if turns is None:
                 turns = store.conversation(m.user_id, config.conversation_turns)
@@ -689,24 +677,10 @@ def _send(
         )
     sent_at = clock()
     local_date = sent_at.astimezone(policy.zone(ctx.user.settings.timezone)).date().isoformat()
-    for delay in (*RECORD_RETRY_DELAYS, None):
-        try:
-            store.record_sent(m.id, token, sid=sid, body=m.content, now=sent_at, local_date=local_date)
-            break
-        except StoreUnavailable:
-            if delay is None:
-                # The SMS went out; the row stays 'sending' and the sweep reconciles it by sid.
-                event(
-                    log,
-                    logging.CRITICAL,
-                    "sent but not recorded: database unavailable",
-                    messageId=str(m.id),
-                    twilioMessageSid=sid,
-                    reason="record_failed",
-                    **fields,
-                )
-                raise
-            _time.sleep(delay)
+    record = partial(
+        store.record_sent, m.id, token, sid=sid, body=m.content, now=sent_at, local_date=local_date
+    )
+    _record(record, m, sid, fields)
     return _outcome(
         logging.INFO, m.id, "sent", "ok", "sent", sid=sid, attempts=attempts, sentAt=iso(sent_at), **fields
     )
@@ -883,9 +857,20 @@ def _replan(
     at = decision.at or now + timedelta(hours=1)
     # Never re-plan for now, which would spin; a message in flight holds the user for a cooldown.
     floor = now + (config.limits.cooldown if reason == policy.IN_FLIGHT else timedelta(seconds=1))
-    at = max(at, floor)
+    return _defer_before_expiry(store, tasks, m, max(at, floor), reason, now, fields)
+
+
+def _defer_before_expiry(
+    store: Store,
+    tasks: TaskQueue,
+    m: StoredMessage,
+    at: datetime,
+    reason: str,
+    now: datetime,
+    fields: dict[str, Any],
+) -> Outcome:
+    """Defer to `at`, unless the message expires first: never sent late, so it expires now."""
     if m.expires_at is not None and at >= m.expires_at:
-        # Never sent late: it cannot go out before it expires, so it expires now, with the reason.
         store.expire(m.id, now)
         return _outcome(
             logging.INFO, m.id, "expired", f"expires_before_allowed:{reason}", "expired", **fields

@@ -197,6 +197,28 @@ begin
 end;
 $$;
 
+-- The conversation an outbound message belongs to: its own, else the user's active one (created
+-- if there is none).
+create or replace function mq_conversation_of(p_row message_queue, p_now timestamptz)
+returns uuid
+language plpgsql as $$
+declare
+    v_conversation uuid := p_row.conversation_context_id;
+begin
+    if v_conversation is null then
+        select id into v_conversation from conversations
+        where user_id = p_row.user_id and status = 'active'
+        order by created_at desc limit 1;
+        if not found then
+            insert into conversations (user_id, status, created_at, updated_at)
+            values (p_row.user_id, 'active', p_now, p_now)
+            returning id into v_conversation;
+        end if;
+    end if;
+    return v_conversation;
+end;
+$$;
+
 -- One part of a claimed sequence went out: recorded at once (its outbound messages row too), so it
 -- is never sent again. Idempotent per (message, position); a sid another row owns is refused.
 create or replace function mq_record_part(
@@ -224,16 +246,8 @@ begin
     if found then
         return jsonb_build_object('recorded', false, 'reason', 'sid_taken');
     end if;
-    v_conversation := v_row.conversation_context_id;
-    if v_conversation is null then
-        select id into v_conversation from conversations
-        where user_id = v_row.user_id and status = 'active'
-        order by created_at desc limit 1;
-        if not found then
-            insert into conversations (user_id, status, created_at, updated_at)
-            values (v_row.user_id, 'active', p_now, p_now)
-            returning id into v_conversation;
-        end if;
+    v_conversation := mq_conversation_of(v_row, p_now);
+    if v_row.conversation_context_id is null then
         update message_queue set conversation_context_id = v_conversation where id = p_message_id;
     end if;
     insert into messages (conversation_id, user_id, direction, content, status, twilio_message_sid,
@@ -291,17 +305,7 @@ begin
         if found then
             return jsonb_build_object('recorded', false, 'reason', 'sid_taken', 'status', v_row.status);
         end if;
-        v_conversation := v_row.conversation_context_id;
-        if v_conversation is null then
-            select id into v_conversation from conversations
-            where user_id = v_row.user_id and status = 'active'
-            order by created_at desc limit 1;
-            if not found then
-                insert into conversations (user_id, status, created_at, updated_at)
-                values (v_row.user_id, 'active', p_now, p_now)
-                returning id into v_conversation;
-            end if;
-        end if;
+        v_conversation := mq_conversation_of(v_row, p_now);
         insert into messages (conversation_id, user_id, direction, content, status, twilio_message_sid,
                               message_queue_id, sent_at, created_at)
         values (v_conversation, v_row.user_id, 'outbound', p_body, 'sent', p_sid, v_row.id, p_now, p_now)
