@@ -26,7 +26,7 @@ import psycopg
 
 from bench.run import Figure
 from bench.support import Postgres
-from bench.sweep import T0, seed_queued, seed_users
+from bench.sweep import T0, seed_history, seed_queued, seed_users
 from shared import policy
 from shared.config import Settings
 from shared.store.postgres import PostgresStore
@@ -36,6 +36,7 @@ PGQ_JOBS_BATCH1 = 1_000
 PGQ_BATCH = 10  # pgqueuer's default batch_size
 CLAIMS = 2_000
 ROUNDS = 3
+HISTORY = 3  # earlier sent messages per user, days before: a table in service, not an empty one
 ROUND_GAP = timedelta(minutes=2)  # between a user's two messages: past the cooldown
 TARGET_RATIO = 0.5
 ABOUT = (
@@ -173,6 +174,7 @@ def claims_rate(pg: Postgres, threads: int, *, n: int = CLAIMS) -> float:
     with pg.database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             seed_users(conn, users, prefix="+1559")
+            seed_history(conn, per_user=HISTORY, prefix="+1559")
             seed_queued(
                 conn,
                 n,
@@ -183,7 +185,7 @@ def claims_rate(pg: Postgres, threads: int, *, n: int = CLAIMS) -> float:
             )
             rows = conn.execute(
                 "select q.id, q.task_generation, u.timezone, u.phone_number from message_queue q"
-                " join users u on u.id = q.user_id order by u.phone_number, q.id"
+                " join users u on u.id = q.user_id where q.status = 'queued' order by u.phone_number, q.id"
             ).fetchall()
         first: list[Pending] = [(r[0], r[1], r[2]) for r in rows[0::2]]
         second: list[Pending] = [(r[0], r[1], r[2]) for r in rows[1::2]]

@@ -90,6 +90,29 @@ def seed_queued(
     conn.execute("analyze users")
 
 
+def seed_history(conn: psycopg.Connection[Any], *, per_user: int, prefix: str = "+1557") -> None:
+    """per_user sent messages for each user whose number starts with `prefix`, the k-th of them k+1
+    days and k hours before T0: what a table in service holds, so that its statistics (taken by
+    seed_queued's ANALYZE) know sent rows, as a live table's do, and the counts of the day, the hour
+    and the cooldown still start from zero (the messages lie outside those windows, but inside the
+    8 days of history the policy reads)."""
+    conn.execute(
+        """
+        insert into message_queue (user_id, agent_id, message_data, final_message, scheduled_for, priority,
+                                   status, can_delay, reason, attempts, created_at, updated_at, sent_at,
+                                   slot_at, twilio_message_sid)
+        select u.id, 'bench_agent', jsonb_build_object('content', 'earlier message ' || k),
+               'earlier message ' || k, s.at, 'medium', 'sent', true, 'sent', 1, s.at, s.at, s.at, s.at,
+               'SMhist' || md5(u.id::text || k)
+        from users u
+        cross join generate_series(1, %(per_user)s) k
+        cross join lateral (select %(t0)s - make_interval(days => 1 + k, hours => k) as at) s
+        where u.phone_number like %(prefix)s || '%%'
+        """,
+        {"per_user": per_user, "t0": T0, "prefix": prefix},
+    )
+
+
 class TimedStore(PostgresStore):
     """PostgresStore adding up the wall time spent in each store function (round trip, SQL and
     psycopg's decoding of the jsonb answer)."""
