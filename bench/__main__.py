@@ -1,3 +1,4 @@
 from bench.run import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # spawned benchmark processes import this module too
+    raise SystemExit(main())

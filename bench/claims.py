@@ -5,7 +5,8 @@
   i.e. moved to pgqueuer_log), with psycopg's async driver, from 1 and from 2 workers; timed from
   the first job to the last (the workers' start-up and drain-mode shutdown left out). Acks are
   buffered: the last batch's may land after the last job ran.
-- Ours: CLAIMS queued messages, two per user (so the second round counts a send of the first), each
+- Ours: CLAIMS queued messages, two per user (so the second round counts a send of the first), and
+  HISTORY earlier sends per user days before (outside every window but the week's), each
   `store.claim(...)` (mq_claim: the user's row lock, then cooldown, hourly, daily and in-flight
   checks) then `store.record_sent(...)` with a fake sid, in a tight loop from 1 and from 2 threads.
   That is deliver's claim and acknowledgement without delivery_context, the policy or Twilio.
@@ -43,7 +44,9 @@ ABOUT = (
     "The anchor: pgqueuer's QueueManager (drain mode, batch 10, no-op job; each job dequeued and "
     "acknowledged) on the same PostgreSQL, psycopg async driver on uvloop. Ours: `store.claim` "
     "(mq_claim: the user's lock, in-flight, cooldown, hourly and daily checks) then `store.record_sent` "
-    "with a fake sid, per message, two messages per user, in a tight loop. Same worker counts side by side."
+    "with a fake sid, per message, two messages per user (each with three earlier sends, days before, so "
+    "the table and its statistics are those of a table in service), in a tight loop. Same worker counts "
+    "side by side."
 )
 
 Pending = tuple[uuid.UUID, int, str]  # message id, generation, timezone

@@ -4,6 +4,8 @@ database round trips each costs. Twilio and Cloud Tasks are in-process fakes (th
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import statistics
 import threading
 import time
@@ -257,6 +259,64 @@ def _schedule_matched_pool(url: str, users: list[uuid.UUID]) -> list[Figure]:
     ]
 
 
+def _instance(url: str, users: list[str], offset: int, start: Any, out: Any) -> None:
+    """One process as one deployed instance: its own app, store (DB_POOL_MAX 1) and interpreter."""
+    logging.disable(logging.INFO)
+    store = PostgresStore(url, max_size=1)
+    bootstrap.install(bootstrap.Container(Settings(), store=store, tasks=InProcessTasks()))
+    ids = [uuid.UUID(u) for u in users]
+    try:
+        _client_run(ids, offset, 20, [])  # warm the connection and the plans
+        start.wait()
+        latencies: list[float] = []
+        began = time.perf_counter()
+        _client_run(ids, offset + 20, PER_THREAD, latencies)
+        out.put((latencies, began, time.perf_counter()))
+    except BaseException as exc:  # reported by the parent
+        out.put(exc)
+    finally:
+        store.close()
+
+
+def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
+    """8 clients as 8 processes, each an instance taking one request at a time (as deployed:
+    max_instance_request_concurrency = 1), so no two requests share an interpreter lock."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(THREADS + 1)
+    out = ctx.Queue()
+    names = [str(u) for u in users]
+    procs = [
+        ctx.Process(target=_instance, args=(url, names, 60_000 + k * 1_000, start, out))
+        for k in range(THREADS)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        start.wait(timeout=120)
+        results = [out.get(timeout=300) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    latencies = [x for r in results for x in r[0]]
+    wall = max(r[2] for r in results) - min(r[1] for r in results)
+    note = f"{THREADS} processes, one request at a time each"
+    return [
+        Figure(f"schedule_message p50, {THREADS} clients", _pct(latencies, 50), "ms", note=note),
+        Figure(
+            f"schedule_message p99, {THREADS} clients",
+            _pct(latencies, 99),
+            "ms",
+            15,
+            higher_is_better=False,
+            note=note,
+        ),
+        Figure(f"schedule_message req/s, {THREADS} clients", len(latencies) / wall, "/s", 300, note=note),
+    ]
+
+
 def run(pg: Postgres) -> list[Figure]:
     with pg.database() as url:
         store = CountingStore(url, max_size=Settings().db_pool_max)
@@ -267,6 +327,7 @@ def run(pg: Postgres) -> list[Figure]:
             ]
             figures = _schedule_figures(store, users)
             figures += _schedule_matched_pool(url, users)
+            figures += _schedule_processes(url, users)
             fresh = [
                 uuid.UUID(store.upsert_user(f"+1556{i:07d}", "UTC")["id"]) for i in range(2 * DELIVERIES)
             ]

@@ -97,12 +97,13 @@ def _history() -> str:
 
 def main() -> int:
     logging.disable(logging.INFO)  # the use cases log every message; logging is not what is measured
-    from bench import claims, db, lateness, policy, sweep
+    from bench import claims, db, lateness, machine, policy, sweep
     from bench.support import Postgres
 
     started = time.perf_counter()
     sections = [_section("Policy", policy.ABOUT, policy.run)]
     database = (
+        ("Machine", machine),
         ("Schedule and deliver", db),
         ("Sweep", sweep),
         ("Lateness", lateness),
