@@ -148,16 +148,7 @@ def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figu
         Figure("schedule_message p50, 1 client", _pct(single, 50), "ms"),
         Figure("schedule_message p99, 1 client", _pct(single, 99), "ms", 15, higher_is_better=False),
         Figure("schedule_message req/s, 1 client", len(single) / wall1, "/s", 300),
-        Figure(f"schedule_message p50, {THREADS} clients", _pct(multi, 50), "ms", note=pool),
-        Figure(
-            f"schedule_message p99, {THREADS} clients",
-            _pct(multi, 99),
-            "ms",
-            15,
-            higher_is_better=False,
-            note=pool,
-        ),
-        Figure(f"schedule_message req/s, {THREADS} clients", len(multi) / wall8, "/s", 300, note=pool),
+        *_clients_figures(multi, wall8, pool),
         Figure("schedule_message p99, 1 client, with a pool check", _pct(nocheck, 99), "ms", note="not used"),
         Figure(
             "schedule_message req/s, 1 client, with a pool check",
@@ -244,18 +235,21 @@ def _schedule_matched_pool(url: str, users: list[uuid.UUID]) -> list[Figure]:
     finally:
         bootstrap.install(previous)
         store.close()
-    note = f"pool max {THREADS} (DB_POOL_MAX = clients)"
+    return _clients_figures(multi, wall, f"pool max {THREADS} (DB_POOL_MAX = clients)")
+
+
+def _clients_figures(latencies: list[float], wall: float, note: str) -> list[Figure]:
     return [
-        Figure(f"schedule_message p50, {THREADS} clients", _pct(multi, 50), "ms", note=note),
+        Figure(f"schedule_message p50, {THREADS} clients", _pct(latencies, 50), "ms", note=note),
         Figure(
             f"schedule_message p99, {THREADS} clients",
-            _pct(multi, 99),
+            _pct(latencies, 99),
             "ms",
             15,
             higher_is_better=False,
             note=note,
         ),
-        Figure(f"schedule_message req/s, {THREADS} clients", len(multi) / wall, "/s", 300, note=note),
+        Figure(f"schedule_message req/s, {THREADS} clients", len(latencies) / wall, "/s", 300, note=note),
     ]
 
 
@@ -302,19 +296,7 @@ def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
             raise r
     latencies = [x for r in results for x in r[0]]
     wall = max(r[2] for r in results) - min(r[1] for r in results)
-    note = f"{THREADS} processes, one request at a time each"
-    return [
-        Figure(f"schedule_message p50, {THREADS} clients", _pct(latencies, 50), "ms", note=note),
-        Figure(
-            f"schedule_message p99, {THREADS} clients",
-            _pct(latencies, 99),
-            "ms",
-            15,
-            higher_is_better=False,
-            note=note,
-        ),
-        Figure(f"schedule_message req/s, {THREADS} clients", len(latencies) / wall, "/s", 300, note=note),
-    ]
+    return _clients_figures(latencies, wall, f"{THREADS} processes, one request at a time each")
 
 
 def run(pg: Postgres) -> list[Figure]:
