@@ -1,6 +1,7 @@
 """Against a local embedded PostgreSQL (bench.support.Postgres): schedule_message through
 functions-framework's app with 1 and 8 clients, deliveries through shared.service.deliver, and the
-database round trips each costs. Twilio and Cloud Tasks are in-process fakes (they leave the machine)."""
+database round trips each costs. Cloud Tasks is an in-process fake; deliveries go to an in-process
+fake of Twilio, and again through the real twilio client to the local SMS sink (shared/dev/sink.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from bench.run import Figure
 from bench.support import Clock, FakeSms, InProcessTasks, Postgres
 from shared import bootstrap, service
 from shared.config import Settings
+from shared.dev.sink import SmsSink
+from shared.sms import TwilioSender, build_twilio_client
 from shared.store.postgres import PostgresStore
 
 MAIN = str(Path(__file__).resolve().parents[1] / "functions" / "main.py")
@@ -33,10 +36,12 @@ SINGLE = 800  # requests with one client
 PER_THREAD = 150  # requests per client with eight clients
 THREADS = 8
 DELIVERIES = 200  # per pool configuration
+WARM_SENDS = 20  # to the sink before timing: the HTTP connection and the plans
 T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
 ABOUT = (
     "`schedule_message` through functions-framework's app in-process (1 and 8 clients), deliveries "
-    "through `service.deliver` (Twilio and Cloud Tasks faked), and the database round trips each costs."
+    "through `service.deliver` (Cloud Tasks faked; Twilio faked in-process, then the real twilio client "
+    "to the local SMS sink on loopback), and the database round trips each costs."
 )
 
 
@@ -169,33 +174,80 @@ def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figu
     ]
 
 
-def _deliver_figures(store: CountingStore, url_users: list[uuid.UUID]) -> list[Figure]:
-    tasks = InProcessTasks()
+def _due_messages(store: CountingStore, users: list[uuid.UUID], tasks: InProcessTasks) -> list[uuid.UUID]:
     config = bootstrap.Container(Settings()).policy
-    sms = FakeSms()
     ids: list[uuid.UUID] = []
-    for i, user in enumerate(url_users):
+    for i, user in enumerate(users):
         body = _body(user, i) | {"priority": "high", "canDelay": True}
         result = service.schedule(body, store=store, tasks=tasks, config=config, now=T0)
         if result.message.scheduled_for != T0:
             raise RuntimeError("a delivery benchmark message was not due at once")
         ids.append(result.message.id)
+    return ids
+
+
+def _deliver_all(store: CountingStore, tasks: InProcessTasks, sms: Any, batch: list[uuid.UUID]) -> float:
+    """Deliver each message of the batch in turn (one worker); the wall time."""
+    config = bootstrap.Container(Settings()).policy
     clock = Clock(T0 + timedelta(seconds=1))
+    started = time.perf_counter()
+    for mid in batch:
+        out = service.deliver(
+            {"messageId": str(mid), "generation": 0},
+            store=store,
+            tasks=tasks,
+            sms=sms,
+            config=config,
+            clock=clock,
+        )
+        if out.action != "sent":
+            raise RuntimeError(f"delivery did not send: {out.action} {out.reason}")
+    return time.perf_counter() - started
+
+
+def _deliver_sink_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figure]:
+    """The same deliveries through the real twilio client and TwilioSender to the local SMS sink
+    (shared/dev/sink.py, Twilio's Messages API on loopback): the HTTP request Twilio would get,
+    without Twilio's own time."""
+    account, token = "AC" + "0" * 32, "bench-auth-token"
+    tasks = InProcessTasks()
+    ids = _due_messages(store, users, tasks)
+    with SmsSink(account_sid=account, auth_token=token) as sink:
+        sender = TwilioSender(
+            build_twilio_client(account, token, base_url=sink.url), from_number="+15005550006"
+        )
+        _deliver_all(store, tasks, sender, ids[:WARM_SENDS])
+        calls0, _ = store.counts()
+        wall = _deliver_all(store, tasks, sender, ids[WARM_SENDS:])
+        calls1, _ = store.counts()
+        received = len(sink.messages())
+    if received != len(ids):
+        raise RuntimeError(f"the sink received {received} of {len(ids)} messages")
+    n = len(ids) - WARM_SENDS
+    return [
+        Figure(
+            "deliveries/s, 1 worker, to the local SMS sink",
+            n / wall,
+            "/s",
+            note="real twilio client over loopback",
+        ),
+        Figure(
+            "DB round trips per delivery, to the local SMS sink",
+            (calls1 - calls0) / n,
+            "",
+            3,
+            higher_is_better=False,
+        ),
+    ]
+
+
+def _deliver_figures(store: CountingStore, url_users: list[uuid.UUID]) -> list[Figure]:
+    tasks = InProcessTasks()
+    sms = FakeSms()
+    ids = _due_messages(store, url_users, tasks)
 
     def deliver(batch: list[uuid.UUID], wall: list[float]) -> None:
-        started = time.perf_counter()
-        for mid in batch:
-            out = service.deliver(
-                {"messageId": str(mid), "generation": 0},
-                store=store,
-                tasks=tasks,
-                sms=sms,
-                config=config,
-                clock=clock,
-            )
-            if out.action != "sent":
-                raise RuntimeError(f"delivery did not send: {out.action} {out.reason}")
-        wall.append(time.perf_counter() - started)
+        wall.append(_deliver_all(store, tasks, sms, batch))
 
     half = len(ids) // 2
     wall_check: list[float] = []
@@ -314,6 +366,11 @@ def run(pg: Postgres) -> list[Figure]:
                 uuid.UUID(store.upsert_user(f"+1556{i:07d}", "UTC")["id"]) for i in range(2 * DELIVERIES)
             ]
             figures += _deliver_figures(store, fresh)
+            sink_users = [
+                uuid.UUID(store.upsert_user(f"+1558{i:07d}", "UTC")["id"])
+                for i in range(DELIVERIES + WARM_SENDS)
+            ]
+            figures += _deliver_sink_figures(store, sink_users)
         finally:
             store.close()
     return figures
