@@ -452,6 +452,9 @@ class UserContext:
     phone_number: str
     settings: UserSettings
     history: History
+    # The message this agent already stored under the request's idempotency key, if asked for
+    # (then history is left empty: a replay plans nothing).
+    replay: StoredMessage | None = None
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,15 @@ class Store(Protocol):
     """
 
     def user_context(
-        self, user_id: uuid.UUID, now: datetime, exclude: uuid.UUID | None = None
+        self,
+        user_id: uuid.UUID,
+        now: datetime,
+        exclude: uuid.UUID | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> UserContext | None:
         """The user's settings, recent sends, queued reservations (but `exclude`) and last inbound;
-        None if there is no such user."""
+        None if there is no such user. With idempotency = (agent id, key) and a message stored under
+        it, that message as `replay` instead of the history."""
         ...
 
     def enqueue(self, message: NewMessage) -> EnqueueResult:

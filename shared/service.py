@@ -131,6 +131,14 @@ def _require_timezone(ctx: UserContext) -> None:
         )
 
 
+def _replay(message: StoredMessage, request: ScheduleRequest) -> ScheduleResult:
+    """The message stored under the request's idempotency key, if the request is the same one."""
+    if message.request_hash != request.request_hash:
+        raise IdempotencyConflict(idempotencyKey=request.idempotency_key, messageId=str(message.id))
+    event(log, logging.INFO, "idempotent replay", messageId=str(message.id), agentId=request.agent_id)
+    return ScheduleResult(created=False, message=message)
+
+
 def schedule(
     body: Any,
     *,
@@ -148,9 +156,14 @@ def schedule(
     request = ScheduleRequest.parse(
         body, now=now, max_content_length=config.max_content_length, idempotency_header=idempotency_header
     )
-    ctx = store.user_context(request.user_id, now)
+    key = (request.agent_id, request.idempotency_key) if request.idempotency_key else None
+    ctx = store.user_context(request.user_id, now, idempotency=key)
     if ctx is None:
         raise NotFound(f"no user with id {request.user_id}", field="userId")
+    if ctx.replay is not None:
+        # Before planning or rendering: the retry of a stored request gets that message back, and
+        # costs no model call.
+        return _replay(ctx.replay, request)
     _require_timezone(ctx)
     span = timedelta(seconds=sequence_span(request.parts))
     decision = policy.plan(
@@ -212,11 +225,8 @@ def schedule(
             render_error.message if render_error else None,
             now,
         )
-    if not result.created:
-        if result.request_hash != request.request_hash:
-            raise IdempotencyConflict(idempotencyKey=request.idempotency_key, messageId=str(message.id))
-        event(log, logging.INFO, "idempotent replay", messageId=str(message.id), agentId=request.agent_id)
-        return ScheduleResult(created=False, message=message)
+    if not result.created:  # a concurrent request with the same key stored it first
+        return _replay(message, request)
     for old in result.superseded:
         event(
             log,

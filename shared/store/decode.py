@@ -130,6 +130,7 @@ def user_context(doc: dict[str, Any] | None) -> UserContext | None:
         phone_number=user["phone_number"],
         settings=user_settings(user),
         history=history,
+        replay=message(doc["replay"]) if doc.get("replay") else None,
     )
 
 

@@ -73,9 +73,14 @@ class PostgresStore:
         return None if row is None else row[0]
 
     def user_context(
-        self, user_id: uuid.UUID, now: datetime, exclude: uuid.UUID | None = None
+        self,
+        user_id: uuid.UUID,
+        now: datetime,
+        exclude: uuid.UUID | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> UserContext | None:
-        return decode.user_context(self.call("mq_user_context", [user_id, now, exclude]))
+        agent_id, key = idempotency or (None, None)
+        return decode.user_context(self.call("mq_user_context", [user_id, now, exclude, agent_id, key]))
 
     def enqueue(self, message: NewMessage) -> EnqueueResult:
         r = message.request

@@ -143,13 +143,21 @@ class SupabaseStore:
         return response.data
 
     def user_context(
-        self, user_id: uuid.UUID, now: datetime, exclude: uuid.UUID | None = None
+        self,
+        user_id: uuid.UUID,
+        now: datetime,
+        exclude: uuid.UUID | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> UserContext | None:
-        doc = self._rpc(
-            "mq_user_context",
-            {"p_user_id": str(user_id), "p_now": _instant(now), "p_exclude": _opt_uuid(exclude)},
-        )
-        return decode.user_context(doc)
+        agent_id, key = idempotency or (None, None)
+        params = {
+            "p_user_id": str(user_id),
+            "p_now": _instant(now),
+            "p_exclude": _opt_uuid(exclude),
+            "p_agent_id": agent_id,
+            "p_idempotency_key": key,
+        }
+        return decode.user_context(self._rpc("mq_user_context", params))
 
     def enqueue(self, message: NewMessage) -> EnqueueResult:
         r = message.request

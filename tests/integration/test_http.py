@@ -295,6 +295,26 @@ def test_logs_carry_the_request_trace_and_the_message_fields(
     assert scheduled[TRACE_KEY] == "projects/local-project/traces/4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+def test_a_replay_answers_the_first_message_whatever_the_policy_says_now(
+    schedule_client: FlaskClient, store: PostgresStore, tasks: RecordingTaskQueue, database_url: str
+) -> None:
+    """An agent retrying after a timeout gets its stored message back, not a refusal the policy
+    would give a new message now (here: the user opted out in between)."""
+    user = make_user(store)
+    body = load("valid.json", userId=str(user)) | {"idempotencyKey": "turn-7"}
+    first = schedule_client.post("/", json=body)
+    assert first.status_code == 201, first.get_data(as_text=True)
+    sql(database_url, "update users set opted_out_at = %s where id = %s", T0, user)
+    fresh = schedule_client.post("/", json=body | {"idempotencyKey": "turn-8"})
+    assert fresh.status_code != 201 and fresh.get_json()["error"] == "opted_out", fresh.get_data(as_text=True)
+    replay = schedule_client.post("/", json=body)
+    assert replay.status_code == 200, replay.get_data(as_text=True)
+    assert replay.get_json()["messageId"] == first.get_json()["messageId"]
+    assert replay.get_json()["idempotentReplay"] is True
+    assert sql(database_url, "select count(*) from message_queue") == [(1,)]
+    assert len(tasks.tasks) == 1
+
+
 def test_concurrent_requests_with_one_idempotency_key_make_one_message(
     store: PostgresStore, tasks: RecordingTaskQueue, database_url: str
 ) -> None:

@@ -419,3 +419,21 @@ def test_a_structured_part_whose_render_failed_is_rendered_at_delivery(
     assert [m["body"] for m in sms_sink.messages()] == ["News!", "Alex is in too."]
     parts = sql(database_url, "select content, status from message_parts order by position")
     assert parts == [("News!", "sent"), ("Alex is in too.", "sent")]
+
+
+def test_a_replayed_structured_request_costs_no_model_call(
+    store: PostgresStore, tasks: RecordingTaskQueue, fake: FakeAnthropic, claude: ClaudeRenderer
+) -> None:
+    """A retried request with the same idempotency key is answered from the stored message before
+    anything is rendered: one model call for the message, not one per retry."""
+    user = make_user(store, "America/New_York")
+    fake.script(text("Sam said yes: The Blue Door at 8."))
+    first = schedule(store, tasks, claude, user, T0, STRUCTURED, idempotencyKey="turn-9")
+    replay = schedule(
+        store, tasks, claude, user, T0 + timedelta(seconds=5), STRUCTURED, idempotencyKey="turn-9"
+    )
+    assert first.created and not replay.created
+    assert replay.message.id == first.message.id
+    assert replay.message.content == "Sam said yes: The Blue Door at 8."
+    assert len(fake.requests) == 1
+    assert len(tasks.tasks) == 1

@@ -157,6 +157,20 @@ def test_user_context_of_an_unknown_user_is_none(store: AnyStore) -> None:
     assert store.user_context(uuid.uuid4(), T0) is None
 
 
+def test_user_context_with_an_idempotency_key_answers_the_message_stored_under_it(store: AnyStore) -> None:
+    user_id = make_user(store)
+    stored = enqueue(store, user_id, idempotencyKey="turn-1")
+    enqueue(store, user_id, idempotencyKey="turn-2")
+    ctx = store.user_context(user_id, T0, idempotency=("agent-1", "turn-1"))
+    assert ctx is not None and ctx.replay is not None
+    assert ctx.replay.id == stored
+    assert ctx.replay.request_hash == new_message(user_id, idempotencyKey="turn-1").request.request_hash
+    for other in (("agent-1", "turn-3"), ("agent-2", "turn-1")):  # unused key; another agent's key
+        fresh = store.user_context(user_id, T0, idempotency=other)
+        assert fresh is not None and fresh.replay is None
+        assert [r.at for r in fresh.history.reservations] == [T0, T0]
+
+
 def test_user_context_decodes_the_settings(store: AnyStore) -> None:
     user_id = make_user(
         store,

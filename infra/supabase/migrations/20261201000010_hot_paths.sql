@@ -74,8 +74,15 @@ begin
 end;
 $$;
 
--- The weekly cap needs a week of history (a local week is at most 7 days and 1 hour long).
-create or replace function mq_user_context(p_user_id uuid, p_now timestamptz, p_exclude uuid default null)
+-- The weekly cap needs a week of history (a local week is at most 7 days and 1 hour long). With
+-- p_idempotency_key, also the agent's message already stored under that key ('replay'): a retried
+-- request is answered with it before anything is planned or rendered again (planned afresh, the
+-- first message's own reservation could leave the retry no allowed time at all).
+drop function if exists mq_user_context(uuid, timestamptz, uuid);
+
+create or replace function mq_user_context(
+    p_user_id uuid, p_now timestamptz, p_exclude uuid default null,
+    p_agent_id text default null, p_idempotency_key text default null)
 returns jsonb
 language plpgsql stable as $$
 declare
@@ -83,10 +90,18 @@ declare
     v_sends jsonb;
     v_reservations jsonb;
     v_last_inbound timestamptz;
+    v_replay message_queue;
 begin
     select * into v_user from users where id = p_user_id;
     if not found then
         return null;
+    end if;
+    if p_idempotency_key is not null then
+        select * into v_replay from message_queue
+        where agent_id = p_agent_id and idempotency_key = p_idempotency_key;
+        if found then
+            return jsonb_build_object('user', to_jsonb(v_user), 'replay', mq_message_doc(v_replay));
+        end if;
     end if;
     select coalesce(jsonb_agg(q.slot_at order by q.slot_at), '[]'::jsonb) into v_sends
     from message_queue q
