@@ -14,7 +14,7 @@ from bench.run import Figure
 from bench.support import Postgres
 
 ABOUT = (
-    "Yardsticks of the machine itself, so that runs on different days can be compared: figures above "
+    "Yardsticks of the machine itself, so that runs on different days can be compared: the figures below "
     "scale with them (a run with a slower loop and slower commits is a slower machine, not slower code)."
 )
 LOOP = 2_000_000
