@@ -86,6 +86,31 @@ def _body(user: uuid.UUID, i: int) -> dict[str, Any]:
     }
 
 
+FLOOR_APP = str(Path(__file__).resolve().parent / "floor_app.py")
+
+
+def _floor_figures(users: list[uuid.UUID]) -> list[Figure]:
+    """The same requests to a trivial function through the same app and test client: the part of a
+    schedule's latency and CPU that no change to the use case or the database can remove."""
+    client = create_app("echo", FLOOR_APP).test_client()
+    for i in range(WARMUP):
+        client.post("/", json=_body(users[i % len(users)], i))
+    latencies: list[float] = []
+    cpu = time.process_time()
+    for i in range(SINGLE):
+        t = time.perf_counter()
+        resp = client.post("/", json=_body(users[i % len(users)], i))
+        latencies.append(time.perf_counter() - t)
+        if resp.status_code != 201:
+            raise RuntimeError(f"the floor function answered {resp.status_code}")
+    cpu = time.process_time() - cpu
+    note = "functions-framework's app and Flask's test client around a trivial function"
+    return [
+        Figure("floor p50, 1 client", _pct(latencies, 50), "ms", note=note),
+        Figure("floor CPU per request, 1 client", cpu / SINGLE * 1000, "ms", note=note),
+    ]
+
+
 def _client_run(users: list[uuid.UUID], start: int, n: int, latencies: list[float]) -> None:
     client = create_app("schedule_message", MAIN).test_client()
     for i in range(start, start + n):
@@ -139,7 +164,9 @@ def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figu
     try:
         _load(users, 1, WARMUP, 0)
         single: list[float] = []
+        cpu = time.process_time()
         calls, checks = _per(store, SINGLE, lambda: single.extend(_load(users, 1, SINGLE, 10_000)[0]))
+        cpu = time.process_time() - cpu  # this process only: PostgreSQL's backends are not in it
         wall1 = sum(single)
         multi, wall8 = _load(users, THREADS, PER_THREAD, 20_000)
         store.pool_check(True)
@@ -153,6 +180,8 @@ def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figu
         Figure("schedule_message p50, 1 client", _pct(single, 50), "ms"),
         Figure("schedule_message p99, 1 client", _pct(single, 99), "ms", 15, higher_is_better=False),
         Figure("schedule_message req/s, 1 client", len(single) / wall1, "/s", 300),
+        Figure("schedule_message Python CPU per request, 1 client", cpu / SINGLE * 1000, "ms"),
+        *_floor_figures(users),
         *_clients_figures(multi, wall8, pool),
         Figure("schedule_message p99, 1 client, with a pool check", _pct(nocheck, 99), "ms", note="not used"),
         Figure(
