@@ -92,17 +92,10 @@ FLOOR_APP = str(Path(__file__).resolve().parent / "floor_app.py")
 def _floor_figures(users: list[uuid.UUID]) -> list[Figure]:
     """The same requests to a trivial function through the same app and test client: the part of a
     schedule's latency and CPU that no change to the use case or the database can remove."""
-    client = create_app("echo", FLOOR_APP).test_client()
-    for i in range(WARMUP):
-        client.post("/", json=_body(users[i % len(users)], i))
+    _client_run(users, 0, WARMUP, [], app=("echo", FLOOR_APP))
     latencies: list[float] = []
     cpu = time.process_time()
-    for i in range(SINGLE):
-        t = time.perf_counter()
-        resp = client.post("/", json=_body(users[i % len(users)], i))
-        latencies.append(time.perf_counter() - t)
-        if resp.status_code != 201:
-            raise RuntimeError(f"the floor function answered {resp.status_code}")
+    _client_run(users, 0, SINGLE, latencies, app=("echo", FLOOR_APP))
     cpu = time.process_time() - cpu
     note = "functions-framework's app and Flask's test client around a trivial function"
     return [
@@ -111,14 +104,21 @@ def _floor_figures(users: list[uuid.UUID]) -> list[Figure]:
     ]
 
 
-def _client_run(users: list[uuid.UUID], start: int, n: int, latencies: list[float]) -> None:
-    client = create_app("schedule_message", MAIN).test_client()
+def _client_run(
+    users: list[uuid.UUID],
+    start: int,
+    n: int,
+    latencies: list[float],
+    *,
+    app: tuple[str, str] = ("schedule_message", MAIN),
+) -> None:
+    client = create_app(*app).test_client()
     for i in range(start, start + n):
         t = time.perf_counter()
         resp = client.post("/", json=_body(users[i % len(users)], i))
         latencies.append(time.perf_counter() - t)
         if resp.status_code != 201:
-            raise RuntimeError(f"schedule_message answered {resp.status_code}: {resp.get_data(as_text=True)}")
+            raise RuntimeError(f"{app[0]} answered {resp.status_code}: {resp.get_data(as_text=True)}")
 
 
 def _load(users: list[uuid.UUID], threads: int, per_thread: int, offset: int) -> tuple[list[float], float]:

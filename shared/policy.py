@@ -281,6 +281,7 @@ def in_quiet_hours(local: time, start: time, end: time) -> bool:
     return local >= start or local < end
 
 
+@lru_cache(maxsize=4096)
 def _local_instant(d: date, t: time, tz: tzinfo) -> datetime:
     """The first instant (in UTC) at which the local wall clock reads `d t` or later.
 
@@ -303,9 +304,6 @@ def _local_instant(d: date, t: time, tz: tzinfo) -> datetime:
         else:
             early = mid
     return late
-
-
-_local_instant_cached = lru_cache(maxsize=4096)(_local_instant)
 
 
 def _offset_change(a: datetime, b: datetime, tz: tzinfo) -> datetime | None:
@@ -422,7 +420,6 @@ class _Planner:
         "active_until",
         "can_delay",
         "cap",
-        "cooldown",
         "full_cap",
         "last_in",
         "lim",
@@ -452,7 +449,6 @@ class _Planner:
         last_in = history.last_inbound_at
         self.last_in = last_in = last_in and last_in.astimezone(UTC)
         self.active_until = last_in and last_in + lim.active_window
-        self.cooldown = lim.cooldown
         # Times read from the database are UTC already; converting them anyway was a tenth of a
         # decision.
         pts = [p if p.tzinfo is UTC else p.astimezone(UTC) for p in history.sends]
@@ -528,7 +524,7 @@ class _Planner:
         d = local.date()
         if start > end and local.time() >= start:
             d += DAY
-        bound = _local_instant_cached(d, end, self.tz)
+        bound = _local_instant(d, end, self.tz)
         if bound <= t:
             return t + _SECOND
         # A fall-back before `end` can set the wall clock back to before `start`: stop there.
@@ -573,7 +569,7 @@ class _Planner:
         return reason, end if end > t else t + _SECOND
 
     def _cooldown(self, t: datetime) -> datetime | None:
-        cd = self.cooldown
+        cd = self.lim.cooldown
         if not cd:
             return None
         pts = self.points
