@@ -8,8 +8,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from bench.run import Figure
-from shared import policy
-from shared.policy import Decision, History, Limits, Reservation, UserSettings
+from shared import domain, policy
+from shared.domain import History, Limits, Reservation, UserSettings
+from shared.policy import Decision
 
 TIMEZONES = (
     "UTC",
@@ -48,7 +49,7 @@ def cases(n: int = CASES, seed: int = 7) -> list[Case]:
         )
         sends = sorted(now - timedelta(seconds=rnd.randrange(30, 86_400)) for _ in range(rnd.randint(0, 10)))
         reservations = [
-            Reservation(now + timedelta(minutes=rnd.randrange(0, 600)), rnd.choice(policy.PRIORITIES))
+            Reservation(now + timedelta(minutes=rnd.randrange(0, 600)), rnd.choice(domain.PRIORITIES))
             for _ in range(rnd.choice((0, 0, 0, 1, 2, 3)))
         ]
         inbound = now - timedelta(minutes=rnd.randrange(0, 120)) if rnd.random() < 0.2 else None

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
 
-from shared.models import AccountCaps
-from shared.policy import Limits
+from shared.domain import AccountCaps, Limits
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:

@@ -11,18 +11,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from shared.domain import (
+    DEFAULT_PART_DELAY_SECONDS,
+    PRIORITIES,
+    History,
+    Part,
+    StoredMessage,
+    UserSettings,
+    needs_render,
+)
 from shared.errors import ValidationError
-from shared.policy import PRIORITIES, History, UserSettings
-
-QUEUED = "queued"
-SENDING = "sending"
-SENT = "sent"
-FAILED = "failed"
-SUPERSEDED = "superseded"
-CANCELLED = "cancelled"
-EXPIRED = "expired"
-STATUSES = (QUEUED, SENDING, SENT, FAILED, SUPERSEDED, CANCELLED, EXPIRED)
-FINAL_STATUSES = frozenset({SENT, FAILED, SUPERSEDED, CANCELLED, EXPIRED})
 
 SCHEDULE_FIELDS = frozenset(
     {
@@ -44,7 +42,6 @@ MAX_AGENT_ID = 100
 MAX_TOPIC_KEY = 100
 MIN_PARTS, MAX_PARTS = 2, 5
 MAX_PART_DELAY_SECONDS = 10
-DEFAULT_PART_DELAY_SECONDS = 1
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -161,11 +158,6 @@ class Relevance:
     usage: Usage
 
 
-def needs_render(message_data: Mapping[str, Any]) -> bool:
-    """True when messageData carries no finished `content` string, so a Renderer must write the text."""
-    return not isinstance(message_data.get("content"), str)
-
-
 def validate_structured(message_data: Mapping[str, Any]) -> list[dict[str, str]]:
     """Errors (`[{"field": "messageData.type", "reason": ...}]`) of a structured messageData; [] if valid.
 
@@ -203,27 +195,6 @@ def validate_structured(message_data: Mapping[str, Any]) -> list[dict[str, str]]
     return errors
 
 
-@dataclass(frozen=True)
-class Part:
-    """One SMS of a sequence: sent `delay_seconds` after the previous part (the first: at once)."""
-
-    position: int
-    content: str  # "" for a structured part not rendered yet
-    delay_seconds: int = DEFAULT_PART_DELAY_SECONDS
-    status: str = "pending"
-    twilio_message_sid: str | None = None
-    sent_at: datetime | None = None
-    data: dict[str, Any] | None = None  # a structured part's fields, for the Renderer
-
-    @property
-    def sent(self) -> bool:
-        return self.status == "sent"
-
-    @property
-    def needs_render(self) -> bool:
-        return self.data is not None and not self.content
-
-
 def parts_json(parts: tuple[Part, ...]) -> list[dict[str, Any]]:
     """As the agent sent them (the request digest and message_data): text, or structured data."""
     return [
@@ -232,11 +203,6 @@ def parts_json(parts: tuple[Part, ...]) -> list[dict[str, Any]]:
         else {**p.data, "delaySeconds": p.delay_seconds}
         for p in parts
     ]
-
-
-def sequence_span(parts: tuple[Part, ...]) -> int:
-    """Seconds from the first part to the last: the time a sequence occupies once it starts."""
-    return sum(p.delay_seconds for p in parts[1:])
 
 
 @dataclass(frozen=True)
@@ -480,101 +446,11 @@ class NewMessage:
 
 
 @dataclass(frozen=True)
-class StoredMessage:
-    """One message_queue row, as the use cases need it."""
-
-    id: uuid.UUID
-    user_id: uuid.UUID
-    agent_id: str
-    status: str
-    priority: str
-    content: str
-    scheduled_for: datetime
-    can_delay: bool = True
-    generation: int = 0
-    attempts: int = 0
-    reason: str | None = None
-    last_error: str | None = None
-    expires_at: datetime | None = None
-    sent_at: datetime | None = None
-    twilio_message_sid: str | None = None
-    conversation_id: uuid.UUID | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-    request_hash: str | None = None
-    claim_token: uuid.UUID | None = None
-    slot_at: datetime | None = None
-    lease_expires_at: datetime | None = None
-    topic_key: str | None = None
-    parts: tuple[Part, ...] = ()
-    superseded_by: uuid.UUID | None = None
-    message_data: dict[str, Any] = field(default_factory=dict)
-    requires_fresh_context: bool = False
-    render_attempts: int = 0
-
-    @property
-    def structured(self) -> bool:
-        """messageData without a finished `content`: a Renderer writes the text."""
-        return not self.parts and needs_render(self.message_data)
-
-    @property
-    def is_sequence(self) -> bool:
-        return bool(self.parts)
-
-    def to_public(self) -> dict[str, Any]:
-        return {
-            "messageId": str(self.id),
-            "userId": str(self.user_id),
-            "agentId": self.agent_id,
-            "status": self.status,
-            "priority": self.priority,
-            "scheduledFor": iso(self.scheduled_for),
-            "sentAt": iso(self.sent_at),
-            "reason": self.reason,
-            "lastError": self.last_error,
-            "attempts": self.attempts,
-            "expiresAt": iso(self.expires_at),
-            "twilioMessageSid": self.twilio_message_sid,
-            "topicKey": self.topic_key,
-            "supersededBy": str(self.superseded_by) if self.superseded_by else None,
-            "parts": [
-                {
-                    "position": p.position,
-                    "content": p.content,
-                    "delaySeconds": p.delay_seconds,
-                    "status": p.status,
-                    "twilioMessageSid": p.twilio_message_sid,
-                    "sentAt": iso(p.sent_at),
-                }
-                for p in self.parts
-            ]
-            or None,
-        }
-
-
-@dataclass(frozen=True)
 class EnqueueResult:
     message: StoredMessage
     created: bool  # False: an earlier request with the same idempotency key
     request_hash: str | None = None
     superseded: tuple[uuid.UUID, ...] = ()
-
-
-@dataclass(frozen=True)
-class AccountCaps:
-    """Caps for the whole sending account (Twilio plan, carrier daily limits); None: no cap."""
-
-    per_second: int | None = None
-    hourly: int | None = None
-    daily: int | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return any(v is not None for v in (self.per_second, self.hourly, self.daily))
-
-    def to_json(self) -> dict[str, int]:
-        pairs = (("per_second", self.per_second), ("hourly", self.hourly), ("daily", self.daily))
-        return {k: v for k, v in pairs if v is not None}
 
 
 @dataclass(frozen=True)

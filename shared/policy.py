@@ -45,14 +45,12 @@ the earliest instant satisfying all of them.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-PRIORITIES: tuple[str, ...] = ("urgent", "high", "medium", "low")
-RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
+from shared.domain import RANK, History, Limits, UserSettings
 
 OK = "ok"
 OPTED_OUT = "opted_out"
@@ -133,119 +131,6 @@ def is_timezone(name: str) -> bool:
     except UnknownTimezone:
         return False
     return True
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The limits in force for one user: global defaults merged with the user's overrides."""
-
-    cooldown_seconds: int = 30
-    hourly_limit: int = 2
-    daily_limit: int = 10
-    weekly_limit: int | None = None  # None: no weekly cap
-    quiet_hours_start: time = time(22, 0)
-    quiet_hours_end: time = time(8, 0)
-    quiet_hours_enabled: bool = True
-    active_window_seconds: int = 600
-    low_daily_reserve: int = 2
-
-    # cached_property writes the instance's __dict__ directly, so it works on a frozen dataclass;
-    # a planner reads these on every decision.
-    @cached_property
-    def cooldown(self) -> timedelta:
-        return timedelta(seconds=self.cooldown_seconds)
-
-    @cached_property
-    def active_window(self) -> timedelta:
-        return timedelta(seconds=self.active_window_seconds)
-
-    def cap(self, priority: str, can_delay: bool) -> int:
-        """How many messages of this lane may go out on one local day."""
-        if priority == "low" and can_delay:
-            return max(1, self.daily_limit - self.low_daily_reserve)
-        return self.daily_limit
-
-
-@dataclass(frozen=True)
-class UserSettings:
-    """A user's own settings; None means the global default."""
-
-    timezone: str = "UTC"
-    quiet_hours_start: time | None = None
-    quiet_hours_end: time | None = None
-    quiet_hours_enabled: bool = True
-    daily_limit: int | None = None
-    hourly_limit: int | None = None
-    opted_out: bool = False
-    undeliverable: bool = False
-    notifications_enabled: bool = True  # False: only urgent messages go out
-    # The preferred window, in the user's timezone: ISO weekdays (1 = Monday ... 7 = Sunday; None:
-    # every day) and a local time range [start, end) (both None: any time; start > end wraps
-    # midnight; start == end: the whole day; only one of them set: no time range).
-    preferred_days: frozenset[int] | None = None
-    preferred_start: time | None = None
-    preferred_end: time | None = None
-    weekly_limit: int | None = None
-
-    def limits(self, defaults: Limits) -> Limits:
-        # Cached: dataclasses.replace was a quarter of a decision's time, and the overrides take
-        # few distinct values (most users have none), so the merged Limits repeat.
-        if (
-            self.quiet_hours_enabled
-            and self.quiet_hours_start is None
-            and self.quiet_hours_end is None
-            and self.daily_limit is None
-            and self.hourly_limit is None
-            and self.weekly_limit is None
-        ):
-            return defaults
-        return _merged_limits(
-            defaults,
-            self.quiet_hours_start,
-            self.quiet_hours_end,
-            self.quiet_hours_enabled,
-            self.daily_limit,
-            self.hourly_limit,
-            self.weekly_limit,
-        )
-
-
-@lru_cache(maxsize=1024)
-def _merged_limits(
-    defaults: Limits,
-    quiet_hours_start: time | None,
-    quiet_hours_end: time | None,
-    quiet_hours_enabled: bool,
-    daily_limit: int | None,
-    hourly_limit: int | None,
-    weekly_limit: int | None,
-) -> Limits:
-    return replace(
-        defaults,
-        quiet_hours_start=quiet_hours_start or defaults.quiet_hours_start,
-        quiet_hours_end=quiet_hours_end or defaults.quiet_hours_end,
-        quiet_hours_enabled=quiet_hours_enabled and defaults.quiet_hours_enabled,
-        daily_limit=daily_limit or defaults.daily_limit,
-        hourly_limit=hourly_limit or defaults.hourly_limit,
-        weekly_limit=defaults.weekly_limit if weekly_limit is None else weekly_limit,
-    )
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Another queued message of the user, planned for `at`."""
-
-    at: datetime
-    priority: str = "medium"
-
-
-@dataclass(frozen=True)
-class History:
-    """What the policy needs to know of the user's past and queued messages."""
-
-    sends: Sequence[datetime] = ()  # slot times of messages sent or being sent (claims count)
-    reservations: Sequence[Reservation] = ()
-    last_inbound_at: datetime | None = None
 
 
 @dataclass(frozen=True)

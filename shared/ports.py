@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from shared.domain import AccountCaps, Limits, StoredMessage
 from shared.models import (
-    AccountCaps,
     CancelResult,
     Claim,
     DeliveryContext,
@@ -21,12 +21,10 @@ from shared.models import (
     Rendered,
     SentRecord,
     StaleClaim,
-    StoredMessage,
     TaskRef,
     Turn,
     UserContext,
 )
-from shared.policy import Limits
 
 
 class Store(Protocol):

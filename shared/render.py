@@ -31,6 +31,7 @@ from typing import Any
 import anthropic
 from anthropic.types import Message, MessageParam, TextBlock, TextBlockParam, ToolParam, ToolUseBlock
 
+from shared.domain import needs_render
 from shared.errors import RenderUnavailable
 from shared.models import (
     DEFAULT_STYLE,
@@ -41,7 +42,6 @@ from shared.models import (
     Rendered,
     Turn,
     Usage,
-    needs_render,
     validate_structured,
 )
 from shared.ports import Renderer

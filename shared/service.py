@@ -15,6 +15,18 @@ from functools import partial
 from typing import Any
 
 from shared import policy
+from shared.domain import (
+    FINAL_STATUSES,
+    QUEUED,
+    RANK,
+    SENDING,
+    SUPERSEDED,
+    AccountCaps,
+    Limits,
+    Part,
+    StoredMessage,
+    sequence_span,
+)
 from shared.errors import (
     Forbidden,
     IdempotencyConflict,
@@ -33,21 +45,15 @@ from shared.errors import (
 )
 from shared.log import event
 from shared.models import (
-    FINAL_STATUSES,
-    QUEUED,
-    SENDING,
-    SUPERSEDED,
-    AccountCaps,
+    CancelResult,
     DeliveryContext,
     InboundSms,
     NewMessage,
     Outcome,
-    Part,
     Rendered,
     ScheduleRequest,
     StaleClaim,
     StatusCallback,
-    StoredMessage,
     SweepReport,
     TaskRef,
     Turn,
@@ -56,7 +62,6 @@ from shared.models import (
     iso,
     keyword,
     parse_uuid,
-    sequence_span,
     text_problem,
 )
 from shared.ports import EventPublisher, Renderer, SmsSender, Store, TaskQueue
@@ -78,7 +83,7 @@ RECORD_RETRY_DELAYS = (0.2, 0.5, 1.0)
 class Policy:
     """The policy settings the use cases need (a slice of Settings)."""
 
-    limits: policy.Limits
+    limits: Limits
     max_attempts: int = 5
     lease_seconds: int = 120
     max_content_length: int = 1600
@@ -298,7 +303,7 @@ def get_message(message_id: str, *, store: Store) -> StoredMessage:
     return message
 
 
-def cancel(message_id: str, body: Any, *, store: Store, now: datetime) -> tuple[int, dict[str, Any]]:
+def cancel(message_id: str, body: Any, *, store: Store, now: datetime) -> CancelResult:
     """An agent withdraws a queued message: 200 cancelled (again: the same answer), 409 when it is
     being sent or already final, 403 when `agentId` is given and is not the message's agent."""
     parsed = parse_uuid(message_id)
@@ -331,7 +336,7 @@ def cancel(message_id: str, body: Any, *, store: Store, now: datetime) -> tuple[
         agentId=result.message.agent_id,
         reason="cancelled",
     )
-    return 200, {"success": True, "alreadyCancelled": result.already, **result.message.to_public()}
+    return result
 
 
 def parse_task(body: Any) -> tuple[uuid.UUID, int | None]:
@@ -413,8 +418,8 @@ def deliver(
     if decision.reason in NEVER:
         store.fail(m.id, error=policy.REASONS[decision.reason], reason=decision.reason, now=now)
         return _outcome(logging.INFO, m.id, "failed", decision.reason, "failed", **fields)
-    rank = policy.RANK[m.priority]
-    if any(r.at <= now and policy.RANK.get(r.priority, rank) < rank for r in ctx.user.history.reservations):
+    rank = RANK[m.priority]
+    if any(r.at <= now and RANK.get(r.priority, rank) < rank for r in ctx.user.history.reservations):
         # A more important message to this user is due too: it takes this slot; this one follows
         # it after the cooldown, whichever task Cloud Tasks happened to fire first.
         at = now + max(config.limits.cooldown, timedelta(seconds=1))

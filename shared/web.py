@@ -14,6 +14,7 @@ import flask
 
 from shared import service
 from shared.bootstrap import Container
+from shared.domain import StoredMessage
 from shared.errors import Forbidden, OrchestratorError, ValidationError
 from shared.log import event, set_trace
 from shared.models import iso
@@ -33,6 +34,38 @@ def respond(status: int, body: dict[str, Any], headers: dict[str, str] | None = 
         h.update(headers)
     # ASCII escapes: an echoed field name may hold text that is not encodable UTF-8.
     return json.dumps(body, ensure_ascii=True), status, h
+
+
+def message_json(m: StoredMessage) -> dict[str, Any]:
+    """A stored message as agents read it (GET /messages/<id>, cancel)."""
+    return {
+        "messageId": str(m.id),
+        "userId": str(m.user_id),
+        "agentId": m.agent_id,
+        "status": m.status,
+        "priority": m.priority,
+        "scheduledFor": iso(m.scheduled_for),
+        "sentAt": iso(m.sent_at),
+        "reason": m.reason,
+        "lastError": m.last_error,
+        "attempts": m.attempts,
+        "expiresAt": iso(m.expires_at),
+        "twilioMessageSid": m.twilio_message_sid,
+        "topicKey": m.topic_key,
+        "supersededBy": str(m.superseded_by) if m.superseded_by else None,
+        "parts": [
+            {
+                "position": p.position,
+                "content": p.content,
+                "delaySeconds": p.delay_seconds,
+                "status": p.status,
+                "twilioMessageSid": p.twilio_message_sid,
+                "sentAt": iso(p.sent_at),
+            }
+            for p in m.parts
+        ]
+        or None,
+    }
 
 
 def method_not_allowed(allow: str, message: str | None = None) -> Response:
@@ -96,15 +129,19 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
             if not match:
                 return respond(404, {"success": False, "error": "not_found", "message": "GET /messages/<id>"})
             message = service.get_message(match.group("id"), store=c.store)
-            return respond(200, {"success": True, **message.to_public()})
+            return respond(200, {"success": True, **message_json(message)})
         if request.method != "POST":
             return method_not_allowed("GET, POST", "use POST, or GET /messages/<id>")
         cancel = _CANCEL_PATH.match(request.path)
         if cancel:
             # An empty body is allowed: the message id in the path is all a cancel needs.
             cancel_body = _json_body(request) if request.get_data(cache=True) else None
-            status, answer = service.cancel(cancel.group("id"), cancel_body, store=c.store, now=c.clock())
-            return respond(status, answer)
+            cancelled = service.cancel(cancel.group("id"), cancel_body, store=c.store, now=c.clock())
+            assert cancelled.message is not None
+            return respond(
+                200,
+                {"success": True, "alreadyCancelled": cancelled.already, **message_json(cancelled.message)},
+            )
         body = _json_body(request)
         result = service.schedule(
             body,

@@ -6,22 +6,20 @@ import uuid
 from datetime import datetime, time
 from typing import Any
 
+from shared.domain import History, Part, Reservation, StoredMessage, UserSettings
 from shared.errors import NotFound, ValidationError
 from shared.models import (
     CancelResult,
     Claim,
     DeliveryContext,
     EnqueueResult,
-    Part,
     PendingEvent,
     QueueHealth,
     StaleClaim,
-    StoredMessage,
     TaskRef,
     Turn,
     UserContext,
 )
-from shared.policy import History, Reservation, UserSettings
 
 
 def instant(value: Any) -> datetime | None:

@@ -17,9 +17,9 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from shared.domain import AccountCaps, Limits, StoredMessage
 from shared.errors import StoreError, StoreUnavailable
 from shared.models import (
-    AccountCaps,
     CancelResult,
     Claim,
     DeliveryContext,
@@ -28,12 +28,10 @@ from shared.models import (
     PendingEvent,
     QueueHealth,
     StaleClaim,
-    StoredMessage,
     TaskRef,
     Turn,
     UserContext,
 )
-from shared.policy import Limits
 from shared.store import decode
 
 log = logging.getLogger(__name__)

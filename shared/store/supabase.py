@@ -24,9 +24,9 @@ import httpx
 from postgrest.exceptions import APIError
 from supabase import Client, ClientOptions, create_client
 
+from shared.domain import AccountCaps, Limits, StoredMessage
 from shared.errors import StoreError, StoreUnavailable
 from shared.models import (
-    AccountCaps,
     CancelResult,
     Claim,
     DeliveryContext,
@@ -35,12 +35,10 @@ from shared.models import (
     PendingEvent,
     QueueHealth,
     StaleClaim,
-    StoredMessage,
     TaskRef,
     Turn,
     UserContext,
 )
-from shared.policy import Limits
 from shared.store import decode
 
 log = logging.getLogger(__name__)

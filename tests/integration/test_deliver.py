@@ -12,8 +12,8 @@ import pytest
 
 from shared import service
 from shared.dev.sink import SmsSink
+from shared.domain import Limits
 from shared.models import Outcome
-from shared.policy import Limits
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.support.factories import budget, make_active, make_user, row, schedule, sql

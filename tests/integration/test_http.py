@@ -321,7 +321,7 @@ def test_concurrent_requests_with_one_idempotency_key_make_one_message(
     import threading
 
     from shared import service
-    from shared.policy import Limits
+    from shared.domain import Limits
 
     user = make_user(store)
     body = load("valid.json", userId=str(user)) | {"idempotencyKey": "turn-race"}

@@ -30,10 +30,11 @@ from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from openapi_spec_validator import validate as validate_spec
 from werkzeug.test import TestResponse
 
-from shared import bootstrap, errors, policy
+from shared import bootstrap, domain, errors, policy
 from shared.config import Settings
 from shared.dev.sink import SmsSink
-from shared.models import MAX_AGENT_ID, MAX_IDEMPOTENCY_KEY, MAX_PARTS, SCHEDULE_FIELDS, STATUSES, SweepReport
+from shared.domain import STATUSES
+from shared.models import MAX_AGENT_ID, MAX_IDEMPOTENCY_KEY, MAX_PARTS, SCHEDULE_FIELDS, SweepReport
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.integration.sms_fixtures import TEST_AUTH_TOKEN
@@ -193,7 +194,7 @@ def test_the_request_schema_is_what_schedule_request_parse_enforces() -> None:
     assert [set(alt["required"]) for alt in request["oneOf"]] == [{"messageData"}, {"sequence"}]
     assert request["properties"]["sequence"]["maxItems"] == MAX_PARTS
     props = request["properties"]
-    assert props["priority"]["allOf"][0]["enum"] == list(policy.PRIORITIES)
+    assert props["priority"]["allOf"][0]["enum"] == list(domain.PRIORITIES)
     assert props["priority"]["default"] == "medium"
     assert props["agentId"]["maxLength"] == MAX_AGENT_ID
     assert props["idempotencyKey"]["maxLength"] == MAX_IDEMPOTENCY_KEY
@@ -208,7 +209,7 @@ def test_the_response_enums_are_the_codes_the_code_uses() -> None:
     spec = load_spec()
     schemas = spec["components"]["schemas"]
     assert schemas["MessageState"]["enum"] == list(STATUSES)
-    assert schemas["Priority"]["enum"] == list(policy.PRIORITIES)
+    assert schemas["Priority"]["enum"] == list(domain.PRIORITIES)
     assert set(schemas["PolicyRule"]["enum"]) == set(policy.SEVERITY)
     created_reason = schemas["ScheduleCreated"]["allOf"][1]["properties"]["reason"]["enum"]
     assert set(created_reason) == {policy.OK, *policy.SEVERITY}

@@ -9,11 +9,11 @@ from datetime import UTC, datetime, time, timedelta
 
 import pytest
 
-from shared import policy, service
+from shared import domain, policy, service
 from shared.dev.sink import SmsSink
+from shared.domain import AccountCaps, Limits
 from shared.errors import NotificationsDisabled
-from shared.models import AccountCaps, Outcome
-from shared.policy import Limits
+from shared.models import Outcome
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.support.driver import TaskDriver
@@ -207,7 +207,7 @@ def test_a_burst_at_0800_drains_at_the_configured_rate_urgent_first(
         lane = lanes[i % 3]
         r = schedule(store, tasks, user, night, policy=config, priority=lane)
         assert r.message.scheduled_for == eight
-        order[r.message.id] = -policy.RANK[lane]  # the worst case: the least important fire first
+        order[r.message.id] = -domain.RANK[lane]  # the worst case: the least important fire first
     for _ in range(50):
         user = make_user(store, "America/New_York")
         r = schedule(store, tasks, user, eight, policy=config, priority="urgent")

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from shared import policy
-from shared.policy import Limits
+from shared.domain import Limits
 
 NOW = datetime(2026, 3, 10, 15, 0, tzinfo=UTC)
 OTHERS = 60

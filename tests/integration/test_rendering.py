@@ -16,8 +16,8 @@ from functions_framework import create_app
 from shared import bootstrap, service
 from shared.config import Settings
 from shared.dev.sink import SmsSink
+from shared.domain import Limits
 from shared.models import Outcome
-from shared.policy import Limits
 from shared.render import ClaudeRenderer, TemplateRenderer
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore

@@ -15,9 +15,9 @@ import pytest
 
 from shared import service
 from shared.dev.sink import SmsSink
+from shared.domain import Limits
 from shared.errors import IdempotencyConflict, ValidationError
 from shared.models import Outcome
-from shared.policy import Limits
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.support.factories import budget, make_user, row, schedule, sql

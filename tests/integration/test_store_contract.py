@@ -23,9 +23,9 @@ import psycopg
 import pytest
 from supabase import create_client
 
+from shared.domain import Limits, Reservation
 from shared.errors import NotFound, OrchestratorError, StoreUnavailable, Unavailable, ValidationError
 from shared.models import Claim, NewMessage, ScheduleRequest
-from shared.policy import Limits, Reservation
 from shared.store.postgres import PostgresStore
 from shared.store.supabase import SupabaseStore
 from tests.support.postgrest import PostgrestStandIn

@@ -32,9 +32,9 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 
+from shared.domain import Limits
 from shared.errors import PermanentSendError, TransientSendError, Unavailable
 from shared.models import SentRecord
-from shared.policy import Limits
 from shared.sms import RECONCILE_CLOCK_SKEW, RECONCILE_LIST_LIMIT
 from tests.support.fakes import VirtualClock
 

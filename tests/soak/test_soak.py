@@ -33,8 +33,8 @@ from functools import partial
 import pytest
 
 from shared import service
+from shared.domain import Limits
 from shared.errors import NotDeliverable, Unavailable
-from shared.policy import Limits
 from shared.store.postgres import PostgresStore
 from tests.soak.harness import (
     FAULTS,

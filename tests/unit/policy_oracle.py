@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from itertools import pairwise
 from zoneinfo import ZoneInfo
 
-from shared.policy import Limits, Reservation, UserSettings
+from shared.domain import Limits, Reservation, UserSettings
 
 LANE_RANK = {"urgent": 0, "high": 1, "medium": 2, "low": 3}
 HOUR_S = 3600

@@ -10,13 +10,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from shared.domain import History, Limits, Reservation, UserSettings
 from shared.policy import (
     REASONS,
     SEVERITY,
-    History,
-    Limits,
-    Reservation,
-    UserSettings,
     check_now,
     in_quiet_hours,
     local_day_bounds,

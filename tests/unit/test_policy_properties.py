@@ -20,17 +20,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from shared.policy import (
-    PRIORITIES,
-    SEVERITY,
-    Decision,
-    History,
-    Limits,
-    Reservation,
-    UserSettings,
-    check_now,
-    plan,
-)
+from shared.domain import PRIORITIES, History, Limits, Reservation, UserSettings
+from shared.policy import SEVERITY, Decision, check_now, plan
 from tests.unit.policy_oracle import (
     HOUR_S,
     LANE_RANK,

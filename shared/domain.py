@@ -1,0 +1,234 @@
+"""The domain's types: what a user, their limits, their history and a stored message are.
+
+Imported by the policy, the models, the use cases and the adapters alike; it imports nothing of
+the product's, so imports flow one way (domain <- policy <- use cases <- adapters)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, time, timedelta
+from functools import cached_property, lru_cache
+from typing import Any
+
+PRIORITIES: tuple[str, ...] = ("urgent", "high", "medium", "low")
+RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
+
+
+QUEUED = "queued"
+SENDING = "sending"
+SENT = "sent"
+FAILED = "failed"
+SUPERSEDED = "superseded"
+CANCELLED = "cancelled"
+EXPIRED = "expired"
+STATUSES = (QUEUED, SENDING, SENT, FAILED, SUPERSEDED, CANCELLED, EXPIRED)
+FINAL_STATUSES = frozenset({SENT, FAILED, SUPERSEDED, CANCELLED, EXPIRED})
+
+
+DEFAULT_PART_DELAY_SECONDS = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits in force for one user: global defaults merged with the user's overrides."""
+
+    cooldown_seconds: int = 30
+    hourly_limit: int = 2
+    daily_limit: int = 10
+    weekly_limit: int | None = None  # None: no weekly cap
+    quiet_hours_start: time = time(22, 0)
+    quiet_hours_end: time = time(8, 0)
+    quiet_hours_enabled: bool = True
+    active_window_seconds: int = 600
+    low_daily_reserve: int = 2
+
+    # cached_property writes the instance's __dict__ directly, so it works on a frozen dataclass;
+    # a planner reads these on every decision.
+    @cached_property
+    def cooldown(self) -> timedelta:
+        return timedelta(seconds=self.cooldown_seconds)
+
+    @cached_property
+    def active_window(self) -> timedelta:
+        return timedelta(seconds=self.active_window_seconds)
+
+    def cap(self, priority: str, can_delay: bool) -> int:
+        """How many messages of this lane may go out on one local day."""
+        if priority == "low" and can_delay:
+            return max(1, self.daily_limit - self.low_daily_reserve)
+        return self.daily_limit
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    """A user's own settings; None means the global default."""
+
+    timezone: str = "UTC"
+    quiet_hours_start: time | None = None
+    quiet_hours_end: time | None = None
+    quiet_hours_enabled: bool = True
+    daily_limit: int | None = None
+    hourly_limit: int | None = None
+    opted_out: bool = False
+    undeliverable: bool = False
+    notifications_enabled: bool = True  # False: only urgent messages go out
+    # The preferred window, in the user's timezone: ISO weekdays (1 = Monday ... 7 = Sunday; None:
+    # every day) and a local time range [start, end) (both None: any time; start > end wraps
+    # midnight; start == end: the whole day; only one of them set: no time range).
+    preferred_days: frozenset[int] | None = None
+    preferred_start: time | None = None
+    preferred_end: time | None = None
+    weekly_limit: int | None = None
+
+    def limits(self, defaults: Limits) -> Limits:
+        # Cached: dataclasses.replace was a quarter of a decision's time, and the overrides take
+        # few distinct values (most users have none), so the merged Limits repeat.
+        if (
+            self.quiet_hours_enabled
+            and self.quiet_hours_start is None
+            and self.quiet_hours_end is None
+            and self.daily_limit is None
+            and self.hourly_limit is None
+            and self.weekly_limit is None
+        ):
+            return defaults
+        return _merged_limits(
+            defaults,
+            self.quiet_hours_start,
+            self.quiet_hours_end,
+            self.quiet_hours_enabled,
+            self.daily_limit,
+            self.hourly_limit,
+            self.weekly_limit,
+        )
+
+
+@lru_cache(maxsize=1024)
+def _merged_limits(
+    defaults: Limits,
+    quiet_hours_start: time | None,
+    quiet_hours_end: time | None,
+    quiet_hours_enabled: bool,
+    daily_limit: int | None,
+    hourly_limit: int | None,
+    weekly_limit: int | None,
+) -> Limits:
+    return replace(
+        defaults,
+        quiet_hours_start=quiet_hours_start or defaults.quiet_hours_start,
+        quiet_hours_end=quiet_hours_end or defaults.quiet_hours_end,
+        quiet_hours_enabled=quiet_hours_enabled and defaults.quiet_hours_enabled,
+        daily_limit=daily_limit or defaults.daily_limit,
+        hourly_limit=hourly_limit or defaults.hourly_limit,
+        weekly_limit=defaults.weekly_limit if weekly_limit is None else weekly_limit,
+    )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Another queued message of the user, planned for `at`."""
+
+    at: datetime
+    priority: str = "medium"
+
+
+@dataclass(frozen=True)
+class History:
+    """What the policy needs to know of the user's past and queued messages."""
+
+    sends: Sequence[datetime] = ()  # slot times of messages sent or being sent (claims count)
+    reservations: Sequence[Reservation] = ()
+    last_inbound_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AccountCaps:
+    """Caps for the whole sending account (Twilio plan, carrier daily limits); None: no cap."""
+
+    per_second: int | None = None
+    hourly: int | None = None
+    daily: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.per_second, self.hourly, self.daily))
+
+    def to_json(self) -> dict[str, int]:
+        pairs = (("per_second", self.per_second), ("hourly", self.hourly), ("daily", self.daily))
+        return {k: v for k, v in pairs if v is not None}
+
+
+def needs_render(message_data: Mapping[str, Any]) -> bool:
+    """True when messageData carries no finished `content` string, so a Renderer must write the text."""
+    return not isinstance(message_data.get("content"), str)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One SMS of a sequence: sent `delay_seconds` after the previous part (the first: at once)."""
+
+    position: int
+    content: str  # "" for a structured part not rendered yet
+    delay_seconds: int = DEFAULT_PART_DELAY_SECONDS
+    status: str = "pending"
+    twilio_message_sid: str | None = None
+    sent_at: datetime | None = None
+    data: dict[str, Any] | None = None  # a structured part's fields, for the Renderer
+
+    @property
+    def sent(self) -> bool:
+        return self.status == "sent"
+
+    @property
+    def needs_render(self) -> bool:
+        return self.data is not None and not self.content
+
+
+def sequence_span(parts: tuple[Part, ...]) -> int:
+    """Seconds from the first part to the last: the time a sequence occupies once it starts."""
+    return sum(p.delay_seconds for p in parts[1:])
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message_queue row, as the use cases need it."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    agent_id: str
+    status: str
+    priority: str
+    content: str
+    scheduled_for: datetime
+    can_delay: bool = True
+    generation: int = 0
+    attempts: int = 0
+    reason: str | None = None
+    last_error: str | None = None
+    expires_at: datetime | None = None
+    sent_at: datetime | None = None
+    twilio_message_sid: str | None = None
+    conversation_id: uuid.UUID | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    request_hash: str | None = None
+    claim_token: uuid.UUID | None = None
+    slot_at: datetime | None = None
+    lease_expires_at: datetime | None = None
+    topic_key: str | None = None
+    parts: tuple[Part, ...] = ()
+    superseded_by: uuid.UUID | None = None
+    message_data: dict[str, Any] = field(default_factory=dict)
+    requires_fresh_context: bool = False
+    render_attempts: int = 0
+
+    @property
+    def structured(self) -> bool:
+        """messageData without a finished `content`: a Renderer writes the text."""
+        return not self.parts and needs_render(self.message_data)
+
+    @property
+    def is_sequence(self) -> bool:
+        return bool(self.parts)
