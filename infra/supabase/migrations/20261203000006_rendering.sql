@@ -3,8 +3,6 @@
 -- decided, each in one transaction, with the call's model, tokens, latency and cost in
 -- agent_actions_log (input_data/output_data and latency_ms).
 
-alter table message_queue add column if not exists render_attempts integer not null default 0;
-
 -- The latest p_limit messages of the user's conversation history, oldest first (what a model sees).
 create or replace function mq_conversation(p_user_id uuid, p_limit integer)
 returns jsonb
@@ -45,6 +43,29 @@ begin
     end if;
     perform mq_log_model_call(v_user_id, p_message_id, 'rendered', p_usage,
         jsonb_build_object('length', char_length(p_text)), null, p_now);
+    return to_jsonb(true);
+end;
+$$;
+
+-- The rendered text of one structured part of a queued sequence (logged with the call's usage).
+create or replace function mq_record_part_render(
+    p_message_id uuid, p_position integer, p_text text, p_usage jsonb, p_now timestamptz)
+returns jsonb
+language plpgsql as $$
+declare
+    v_user_id uuid;
+begin
+    select user_id into v_user_id from message_queue where id = p_message_id and status = 'queued' for update;
+    if not found then
+        return to_jsonb(false);
+    end if;
+    update message_parts set content = p_text
+    where message_id = p_message_id and position = p_position and status = 'pending';
+    if not found then
+        return to_jsonb(false);
+    end if;
+    perform mq_log_model_call(v_user_id, p_message_id, 'rendered', p_usage,
+        jsonb_build_object('length', char_length(p_text), 'part', p_position), null, p_now);
     return to_jsonb(true);
 end;
 $$;

@@ -1,34 +1,34 @@
 -- The sweep: what catches everything a Cloud Task missed. Cloud Scheduler publishes to the sweep
--- topic every minute; sweep_queue claims work in batches with FOR UPDATE SKIP LOCKED, so two sweeps
+-- topic every minute; each step claims work in batches with FOR UPDATE SKIP LOCKED, so two sweeps
 -- running at once never take the same row. Like everything else, it is told the time (p_now).
-
-create table if not exists sweep_runs (
-    id          bigserial primary key,
-    trigger     text not null,
-    started_at  timestamptz not null,
-    finished_at timestamptz not null,
-    counts      jsonb not null default '{}'::jsonb,
-    error       text
-);
-create index if not exists sweep_runs_finished on sweep_runs (finished_at desc);
-create index if not exists message_queue_sent_at on message_queue (sent_at) where status = 'sent';
+--
+-- Each step is plpgsql and picks the ids first (by an index), then updates them by primary key: as
+-- a SQL-language function the update is planned generically (a hash join over the whole table).
 
 -- Queued rows overdue by more than the grace period and untouched for as long: their task was lost
 -- (or never created). A new generation retires any task still around; the caller creates its task.
+-- Picked by updated_at, the rows untouched the longest first (message_queue_queued_touched): a row
+-- re-tasked by an earlier batch is out of range, not filtered out again.
 create or replace function mq_sweep_overdue(p_now timestamptz, p_grace_seconds integer, p_limit integer)
 returns jsonb
-language sql as $$
-    with picked as (
+language plpgsql as $$
+declare
+    v_cutoff timestamptz := p_now - make_interval(secs => p_grace_seconds);
+    v_ids uuid[];
+    v_result jsonb;
+begin
+    select array_agg(id) into v_ids from (
         select id from message_queue
-        where status = 'queued'
-          and scheduled_for < p_now - make_interval(secs => p_grace_seconds)
-          and updated_at < p_now - make_interval(secs => p_grace_seconds)
-        order by scheduled_for
+        where status = 'queued' and updated_at < v_cutoff and scheduled_for < v_cutoff
+        order by updated_at
         limit p_limit
-        for update skip locked),
-    bumped as (
+        for update skip locked) picked;
+    if v_ids is null then
+        return '[]'::jsonb;
+    end if;
+    with bumped as (
         update message_queue q set task_generation = q.task_generation + 1, updated_at = p_now
-        from picked where q.id = picked.id
+        where q.id = any (v_ids)
         returning q.id, q.user_id, q.task_generation, q.scheduled_for),
     logged as (
         insert into agent_actions_log (agent_type, action_type, user_id, message_id, output_data, created_at)
@@ -37,15 +37,22 @@ language sql as $$
         from bumped b)
     select coalesce(jsonb_agg(jsonb_build_object('id', id, 'generation', task_generation,
                                                  'scheduled_for', scheduled_for)), '[]'::jsonb)
+    into v_result
     from bumped;
+    return v_result;
+end;
 $$;
 
 -- Queued rows planned beyond the Cloud Tasks horizon when last planned (so no task exists) that
 -- have come within it: touching updated_at marks them as handed to a task.
 create or replace function mq_sweep_horizon(p_now timestamptz, p_horizon_seconds integer, p_limit integer)
 returns jsonb
-language sql as $$
-    with picked as (
+language plpgsql as $$
+declare
+    v_ids uuid[];
+    v_result jsonb;
+begin
+    select array_agg(id) into v_ids from (
         select id from message_queue
         where status = 'queued'
           and scheduled_for >= p_now
@@ -53,42 +60,59 @@ language sql as $$
           and scheduled_for - updated_at > make_interval(secs => p_horizon_seconds)
         order by scheduled_for
         limit p_limit
-        for update skip locked),
-    touched as (
+        for update skip locked) picked;
+    if v_ids is null then
+        return '[]'::jsonb;
+    end if;
+    with touched as (
         update message_queue q set updated_at = p_now
-        from picked where q.id = picked.id
+        where q.id = any (v_ids)
         returning q.id, q.task_generation, q.scheduled_for)
     select coalesce(jsonb_agg(jsonb_build_object('id', id, 'generation', task_generation,
                                                  'scheduled_for', scheduled_for)), '[]'::jsonb)
+    into v_result
     from touched;
+    return v_result;
+end;
 $$;
 
 -- 'sending' rows whose lease ran out: the process that claimed them died or timed out, maybe after
 -- Twilio accepted the message. The caller reconciles with Twilio before anything is sent again; it
 -- gets a fresh claim (token and lease) so that no other sweep reconciles the same row meanwhile.
+-- A sequence comes with its parts (which of them went out).
 create or replace function mq_take_stale_claims(
     p_now timestamptz, p_lease_seconds integer, p_limit integer, p_message_id uuid default null)
 returns jsonb
-language sql as $$
-    with picked as (
+language plpgsql as $$
+declare
+    v_ids uuid[];
+    v_result jsonb;
+begin
+    select array_agg(id) into v_ids from (
         select id from message_queue
         where status = 'sending' and lease_expires_at <= p_now
           and (p_message_id is null or id = p_message_id)
         order by lease_expires_at
         limit p_limit
-        for update skip locked),
-    taken as (
+        for update skip locked) picked;
+    if v_ids is null then
+        return '[]'::jsonb;
+    end if;
+    with taken as (
         update message_queue q set
             claim_token = gen_random_uuid(),
             lease_expires_at = p_now + make_interval(secs => p_lease_seconds),
             updated_at = p_now
-        from picked where q.id = picked.id
+        where q.id = any (v_ids)
         returning q.*)
     select coalesce(jsonb_agg(jsonb_build_object(
-        'message', to_jsonb(t),
+        'message', mq_message_doc(t::message_queue),
         'phone_number', u.phone_number,
         'timezone', u.timezone)), '[]'::jsonb)
+    into v_result
     from taken t join users u on u.id = t.user_id;
+    return v_result;
+end;
 $$;
 
 -- Twilio has no record of a stale claim's message: back to queued with a new generation, due now;
@@ -148,20 +172,30 @@ $$;
 -- Queued rows past expires_at: never sent late.
 create or replace function mq_sweep_expire(p_now timestamptz, p_limit integer)
 returns jsonb
-language sql as $$
-    with picked as (
+language plpgsql as $$
+declare
+    v_ids uuid[];
+    v_count integer;
+begin
+    select array_agg(id) into v_ids from (
         select id from message_queue
-        where status = 'queued' and expires_at <= p_now
+        where status = 'queued' and expires_at is not null and expires_at <= p_now
+        order by expires_at
         limit p_limit
-        for update skip locked),
-    expired as (
+        for update skip locked) picked;
+    if v_ids is null then
+        return to_jsonb(0);
+    end if;
+    with expired as (
         update message_queue q set status = 'expired', reason = 'expired', updated_at = p_now
-        from picked where q.id = picked.id
+        where q.id = any (v_ids)
         returning q.id, q.user_id),
     logged as (
         insert into agent_actions_log (agent_type, action_type, user_id, message_id, created_at)
         select 'message_orchestrator', 'expired', e.user_id, e.id, p_now from expired e)
-    select to_jsonb(count(*)) from expired;
+    select count(*) into v_count from expired;
+    return to_jsonb(v_count);
+end;
 $$;
 
 create or replace function mq_record_sweep(

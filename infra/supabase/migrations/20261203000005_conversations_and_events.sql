@@ -1,31 +1,40 @@
 -- Conversations: Twilio's inbound and status webhooks, STOP/START opt-out, undeliverable numbers,
--- and an outbox of events for agents (Pub/Sub), so a Pub/Sub outage never loses or blocks a change.
+-- and the outbox of events for agents (Pub/Sub), so a Pub/Sub outage never loses or blocks a change.
 
-alter table users add column if not exists undeliverable_at timestamptz;
-alter table users add column if not exists undeliverable_reason text;
-
--- Events for agents, written in the same transaction as the change they describe; published to
--- Pub/Sub after the commit and by the sweep until published (at least once, in order per key).
-create table if not exists events_outbox (
-    id           bigserial primary key,
-    topic        text not null constraint events_outbox_topic check (topic in ('events', 'inbound')),
-    event_type   text not null,
-    payload      jsonb not null,
-    attributes   jsonb not null default '{}'::jsonb,
-    created_at   timestamptz not null,
-    published_at timestamptz,
-    attempts     integer not null default 0,
-    lease_until  timestamptz,  -- a drain is publishing it; another drain leaves it alone until then
-    last_error   text
-);
-create index if not exists events_outbox_pending on events_outbox (id) where published_at is null;
-
+-- An event for agents, in the transaction of the change it describes.
 create or replace function mq_emit(
     p_topic text, p_event_type text, p_payload jsonb, p_attributes jsonb, p_now timestamptz)
 returns void
-language sql as $$
+language plpgsql as $$
+begin
     insert into events_outbox (topic, event_type, payload, attributes, created_at)
-    values (p_topic, p_event_type, p_payload, coalesce(p_attributes, '{}'::jsonb) || jsonb_build_object('eventType', p_event_type), p_now);
+    values (p_topic, p_event_type, p_payload,
+            coalesce(p_attributes, '{}'::jsonb) || jsonb_build_object('eventType', p_event_type), p_now);
+end;
+$$;
+
+-- An inbound SMS from a user, recorded without keyword handling (tests and the demo use it to make
+-- a user "active"). Deduplicated by Twilio's MessageSid.
+create or replace function mq_record_inbound(p_user_id uuid, p_body text, p_sid text, p_now timestamptz)
+returns jsonb
+language plpgsql as $$
+declare
+    v_conversation uuid;
+    v_id uuid;
+begin
+    select id into v_conversation from conversations
+    where user_id = p_user_id and status = 'active' order by created_at desc limit 1;
+    if not found then
+        insert into conversations (user_id, status, created_at, updated_at)
+        values (p_user_id, 'active', p_now, p_now) returning id into v_conversation;
+    end if;
+    insert into messages (conversation_id, user_id, direction, content, status, twilio_message_sid, created_at)
+    values (v_conversation, p_user_id, 'inbound', coalesce(p_body, ''), 'received', p_sid, p_now)
+    on conflict (twilio_message_sid) do nothing
+    returning id into v_id;
+    update conversations set last_message_at = p_now, updated_at = p_now where id = v_conversation;
+    return jsonb_build_object('recorded', v_id is not null, 'messageId', v_id, 'conversationId', v_conversation);
+end;
 $$;
 
 -- An inbound SMS (Twilio's webhook). p_keyword is what the application recognised in the body:
