@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -21,37 +19,17 @@ from shared.dev.sink import SmsSink
 from shared.events import PubSubPublisher
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import MAIN, T0
 from tests.support.factories import make_user, row, sql, table_counts
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
-MAIN = str(Path(__file__).resolve().parents[2] / "functions" / "main.py")
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
 TOKEN = "twilio-test-auth-token"
 URL = "http://localhost/"  # what the test client's requests look like from inside the function
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[PostgresStore]:
-    s = PostgresStore(database_url)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def tasks() -> RecordingTaskQueue:
-    return RecordingTaskQueue()
-
-
-@pytest.fixture
-def container(
-    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender
-) -> Iterator[bootstrap.Container]:
-    c = bootstrap.Container(
-        Settings(twilio_auth_token=TOKEN), store=store, tasks=tasks, sms=twilio_sender, clock=VirtualClock(T0)
-    )
-    previous = bootstrap.install(c)
-    yield c
-    bootstrap.install(previous)
+def container_settings() -> Settings:
+    return Settings(twilio_auth_token=TOKEN)
 
 
 def client(target: str) -> FlaskClient:

@@ -5,39 +5,24 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from shared import service
 from shared.dev.sink import SmsSink
-from shared.domain import Limits
 from shared.models import Outcome
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import POLICY, T0
 from tests.support.factories import budget, make_active, make_user, row, schedule, sql
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)  # 11:00 in New York, 00:00 next day in Tokyo
-POLICY = service.Policy(limits=Limits(), max_attempts=3)
-
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[PostgresStore]:
-    s = PostgresStore(database_url, max_size=24)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def tasks() -> RecordingTaskQueue:
-    return RecordingTaskQueue()
-
-
-@pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock(T0)
+def store_pool_size() -> int:
+    """Twenty deliveries race on their own threads in one test."""
+    return 24
 
 
 def deliver(

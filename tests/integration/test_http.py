@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,36 +15,11 @@ from functions_framework import create_app
 from shared import bootstrap
 from shared.config import Settings
 from shared.dev.sink import SmsSink
-from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import MAIN, T0
+from tests.support.constants import SCHEDULE_DATA as DATA
 from tests.support.factories import make_user, row, sql, table_counts
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
-
-MAIN = str(Path(__file__).resolve().parents[2] / "functions" / "main.py")
-DATA = Path(__file__).resolve().parents[1] / "data" / "schedule_message"
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[PostgresStore]:
-    s = PostgresStore(database_url)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def tasks() -> RecordingTaskQueue:
-    return RecordingTaskQueue()
-
-
-@pytest.fixture
-def container(
-    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender
-) -> Iterator[bootstrap.Container]:
-    c = bootstrap.Container(Settings(), store=store, tasks=tasks, sms=twilio_sender, clock=VirtualClock(T0))
-    previous = bootstrap.install(c)
-    yield c
-    bootstrap.install(previous)
 
 
 @pytest.fixture

@@ -38,13 +38,12 @@ from shared.models import MAX_AGENT_ID, MAX_IDEMPOTENCY_KEY, MAX_PARTS, SCHEDULE
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.integration.sms_fixtures import TEST_AUTH_TOKEN
+from tests.support.constants import MAIN, T0
 from tests.support.factories import make_user, sql
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_PATH = ROOT / "openapi.yaml"
-MAIN = str(ROOT / "functions" / "main.py")
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
 DEAD_DATABASE = "postgresql://postgres@127.0.0.1:1/none"
 SETTINGS = Settings(twilio_auth_token=TEST_AUTH_TOKEN)
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -321,16 +320,20 @@ class Env:
 
 
 @pytest.fixture
-def env(database_url: str, sms_sink: SmsSink, twilio_sender: TwilioSender) -> Iterator[Env]:
-    store = PostgresStore(database_url)
-    tasks = RecordingTaskQueue()
-    c = bootstrap.Container(SETTINGS, store=store, tasks=tasks, sms=twilio_sender, clock=VirtualClock(T0))
-    previous = bootstrap.install(c)
-    try:
-        yield Env(store, tasks, sms_sink, twilio_sender, c, database_url)
-    finally:
-        bootstrap.install(previous)
-        store.close()
+def container_settings() -> Settings:
+    return SETTINGS
+
+
+@pytest.fixture
+def env(
+    container: bootstrap.Container,
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    database_url: str,
+    sms_sink: SmsSink,
+    twilio_sender: TwilioSender,
+) -> Env:
+    return Env(store, tasks, sms_sink, twilio_sender, container, database_url)
 
 
 SCHEDULE = "/schedule_message"

@@ -4,7 +4,6 @@ through the real use cases on real Postgres and the SMS sink, on a virtual clock
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
@@ -16,24 +15,18 @@ from shared.errors import NotificationsDisabled
 from shared.models import Outcome
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import POLICY, T0
 from tests.support.driver import TaskDriver
 from tests.support.factories import make_user, schedule, sql
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
-MONDAY = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)  # Monday 17:00 in Berlin, 11:00 in New York
-POLICY = service.Policy(limits=Limits(), max_attempts=3)
+MONDAY = T0  # Monday 17:00 in Berlin, 11:00 in New York
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[PostgresStore]:
-    s = PostgresStore(database_url, max_size=8)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def tasks() -> RecordingTaskQueue:
-    return RecordingTaskQueue()
+def store_pool_size() -> int:
+    """Deliveries race on their own threads in one test."""
+    return 8
 
 
 def deliver(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,12 +45,6 @@ LONG_ANSWER = (
     "actually talk to each other. Bring your best small talk and maybe a backup joke or two, because "
     "Sam has apparently heard them all before and is not easily impressed by anyone at all."
 )
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as server:
-        yield server
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,37 +19,13 @@ from shared.models import Outcome
 from shared.render import ClaudeRenderer, TemplateRenderer
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import MAIN, T0
 from tests.support.factories import budget, make_active, make_user, row, sql
 from tests.support.fake_anthropic import FakeAnthropic, delay, status, text, tool_use
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)  # 11:00 in New York
 POLICY = service.Policy(limits=Limits(), max_attempts=3, render_max_length=160)
 STRUCTURED = {"type": "intro_match", "style": "snarky", "name": "Sam", "venue": "The Blue Door"}
-MAIN = str(Path(__file__).resolve().parents[2] / "functions" / "main.py")
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[PostgresStore]:
-    s = PostgresStore(database_url)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def tasks() -> RecordingTaskQueue:
-    return RecordingTaskQueue()
-
-
-@pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock(T0)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as f:
-        yield f
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,14 +18,10 @@ from flask.testing import FlaskClient
 from functions_framework import create_app
 
 from shared import bootstrap
-from shared.config import Settings
-from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import MAIN, T0
 from tests.support.factories import make_user
-from tests.support.fakes import RecordingTaskQueue, VirtualClock
-
-MAIN = str(Path(__file__).resolve().parents[2] / "functions" / "main.py")
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
+from tests.support.fakes import VirtualClock
 
 
 class CountingStore(PostgresStore):
@@ -56,16 +51,12 @@ def store(database_url: str) -> Iterator[CountingStore]:
 
 
 @pytest.fixture
-def clients(store: CountingStore, twilio_sender: TwilioSender) -> Iterator[tuple[FlaskClient, FlaskClient]]:
-    c = bootstrap.Container(
-        Settings(), store=store, tasks=RecordingTaskQueue(), sms=twilio_sender, clock=VirtualClock(T0)
-    )
-    previous = bootstrap.install(c)
-    yield (
+def clients(container: bootstrap.Container) -> tuple[FlaskClient, FlaskClient]:
+    """schedule_message's and deliver_message's apps on `container`, whose store is the counting one."""
+    return (
         create_app("schedule_message", MAIN).test_client(),
         create_app("deliver_message", MAIN).test_client(),
     )
-    bootstrap.install(previous)
 
 
 def _body(user: uuid.UUID, text: str) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -35,11 +34,11 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from shared import bootstrap
 from shared.config import Settings
 from shared.store.postgres import PostgresStore
-from tests.integration.test_openapi import MAIN, assert_conforms, function_view, load_spec
+from tests.integration.test_openapi import assert_conforms, function_view, load_spec
+from tests.support.constants import MAIN
 from tests.support.factories import make_user
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
 SPEC = load_spec()
 _EXAMPLE = SPEC["paths"]["/schedule_message"]["post"]["requestBody"]["content"]["application/json"]["example"]
 # The user the spec's request example names; it exists, so the examples phase schedules a message.
@@ -108,12 +107,13 @@ def use_known_user(case: Case) -> None:
 
 
 @pytest.fixture
-def app(database_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[Flask, Counter[int]]]:
+def app(
+    store: PostgresStore, tasks: RecordingTaskQueue, clock: VirtualClock, request: pytest.FixtureRequest
+) -> Iterator[tuple[Flask, Counter[int]]]:
     """schedule_message's app on one database for the whole run, with the known user in it; after
     a passing run, checks that it scheduled messages and met unknown users."""
-    store = PostgresStore(database_url)
     make_user(store, "America/Chicago", id=KNOWN_USER)
-    c = bootstrap.Container(Settings(), store=store, tasks=RecordingTaskQueue(), clock=VirtualClock(T0))
+    c = bootstrap.Container(Settings(), store=store, tasks=tasks, clock=clock)
     previous = bootstrap.install(c)
     statuses: Counter[int] = Counter()
     failed_before = request.session.testsfailed
@@ -121,7 +121,6 @@ def app(database_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[Fla
         yield create_app("schedule_message", MAIN), statuses
     finally:
         bootstrap.install(previous)
-        store.close()
     if request.session.testsfailed == failed_before:
         assert statuses[201] > 0, f"no request was scheduled: {dict(statuses)}"
         assert statuses[404] > 0, f"no request met an unknown user: {dict(statuses)}"

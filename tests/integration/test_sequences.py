@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,11 +20,10 @@ from shared.errors import IdempotencyConflict, ValidationError
 from shared.models import Outcome
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import POLICY, T0
 from tests.support.factories import budget, make_user, row, schedule, sql
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)  # 11:00 in New York
-POLICY = service.Policy(limits=Limits(), max_attempts=3)
 PARTS = [
     {"content": "Great news!", "delaySeconds": 0},
     {"content": "Sam accepted your intro.", "delaySeconds": 2},
@@ -33,20 +32,9 @@ PARTS = [
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[PostgresStore]:
-    s = PostgresStore(database_url, max_size=8)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def tasks() -> RecordingTaskQueue:
-    return RecordingTaskQueue()
-
-
-@pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock(T0)
+def store_pool_size() -> int:
+    """More connections than PostgresStore's default, as this module has always had."""
+    return 8
 
 
 def schedule_sequence(

@@ -28,10 +28,10 @@ from shared.errors import NotFound, OrchestratorError, StoreUnavailable, Unavail
 from shared.models import Claim, NewMessage, ScheduleRequest
 from shared.store.postgres import PostgresStore
 from shared.store.supabase import SupabaseStore
+from tests.support.constants import T0
 from tests.support.postgrest import PostgrestStandIn
 
 SERVICE_KEY = "test-service-key"
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
 LIMITS = Limits()  # cooldown 30 s, hourly 2, daily 10
 LEASE = 120
 
@@ -63,13 +63,6 @@ def store(request: pytest.FixtureRequest, database_url: str) -> Iterator[AnyStor
     pg = PostgresStore(database_url)
     yield pg
     pg.close()
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A direct connection to look at (and occasionally arrange) the rows behind the store."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        yield conn
 
 
 # --- helpers ---------------------------------------------------------------------------------------

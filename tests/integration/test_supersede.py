@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,34 +14,15 @@ from shared import bootstrap
 from shared.config import Settings
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import MAIN, T0
+from tests.support.constants import SCHEDULE_DATA as DATA
 from tests.support.factories import make_user, row, sql
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
-MAIN = str(Path(__file__).resolve().parents[2] / "functions" / "main.py")
-DATA = Path(__file__).resolve().parents[1] / "data" / "schedule_message"
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
-
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[PostgresStore]:
-    s = PostgresStore(database_url)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def tasks() -> RecordingTaskQueue:
-    return RecordingTaskQueue()
-
-
-@pytest.fixture
-def client(
-    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender
-) -> Iterator[FlaskClient]:
-    c = bootstrap.Container(Settings(), store=store, tasks=tasks, sms=twilio_sender, clock=VirtualClock(T0))
-    previous = bootstrap.install(c)
-    yield create_app("schedule_message", MAIN).test_client()
-    bootstrap.install(previous)
+def client(container: bootstrap.Container) -> FlaskClient:
+    return create_app("schedule_message", MAIN).test_client()
 
 
 def body(user: uuid.UUID, content: str, **fields: Any) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,10 +18,10 @@ from shared.errors import StoreUnavailable
 from shared.models import Outcome
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
+from tests.support.constants import T0
 from tests.support.factories import budget, make_user, row, schedule, sql
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
-T0 = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
 POLICY = service.Policy(limits=Limits(), max_attempts=3, lease_seconds=120, sweep_grace_seconds=120)
 
 
@@ -70,15 +69,9 @@ class FlakyStore:
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[PostgresStore]:
-    s = PostgresStore(database_url, max_size=8)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def tasks() -> RecordingTaskQueue:
-    return RecordingTaskQueue()
+def store_pool_size() -> int:
+    """Deliveries and sweeps race on their own threads."""
+    return 8
 
 
 def deliver(
