@@ -17,13 +17,20 @@ _LOCK_KEY = 727_347_001  # any constant: serialises concurrent runners on one da
 log = logging.getLogger(__name__)
 
 
+class MigrationHistoryError(RuntimeError):
+    """The database records migrations that the directory no longer has."""
+
+
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
     return sorted(directory.glob("*.sql"))
 
 
 def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply every migration not yet applied; returns the versions applied now."""
+    """Apply every migration not yet applied; returns the versions applied now. A database that
+    records a version the directory lacks (one applied before the files were squashed into a
+    baseline, or from another branch) is refused, as `supabase db push` refuses it."""
     applied_now: list[str] = []
+    files = migration_files(directory)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("select pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
@@ -32,7 +39,13 @@ def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[st
                 " version text primary key, applied_at timestamptz not null default now())"
             )
             done = {row[0] for row in conn.execute("select version from schema_migrations")}
-            for path in migration_files(directory):
+            unknown = sorted(done - {path.stem for path in files})
+            if unknown:
+                raise MigrationHistoryError(
+                    f"the database has migrations applied that {directory} does not have:"
+                    f" {', '.join(unknown)}; recreate the database (a local one: remove .dev/pgdata)"
+                )
+            for path in files:
                 version = path.stem
                 if version in done:
                     continue

@@ -13,8 +13,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import psycopg
+import pytest
 
-from shared.store.migrate import MIGRATIONS_DIR, migration_files
+from shared.store.migrate import MIGRATIONS_DIR, MigrationHistoryError, apply_migrations, migration_files
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -175,3 +176,13 @@ def test_a_second_definition_is_found(tmp_path: Path) -> None:
         "returns int language sql as $$ select 2 $$;"
     )
     assert definitions(tmp_path) == {"mq_a": ["0001_a.sql", "0002_b.sql"]}
+
+
+def test_a_database_migrated_before_the_squash_is_refused(database_url: str) -> None:
+    """A database that recorded a version the files no longer have (one of the files squashed into
+    the baseline) is refused with its name, not met with "relation users already exists"."""
+    assert apply_migrations(database_url) == []  # every file applied already: nothing to do
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("insert into schema_migrations (version) values ('20261123000001_core_schema')")
+    with pytest.raises(MigrationHistoryError, match="20261123000001_core_schema"):
+        apply_migrations(database_url)
