@@ -10,13 +10,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.config import Settings
+from shared.domain import Policy
 from shared.errors import OrchestratorError
 from shared.models import Relevance, Rendered, Turn
 from shared.ports import EventPublisher, Renderer, SmsSender, Store, TaskQueue
-from shared.service import Policy
+
+T = TypeVar("T")
 
 
 class ConfigurationError(OrchestratorError):
@@ -47,75 +49,45 @@ class Container:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self._store = store
-        self._tasks = tasks
-        self._sms = sms
-        self._events = events
-        self._events_built = events is not None
-        self._renderer = renderer
+        given = {"store": store, "tasks": tasks, "sms": sms, "events": events, "renderer": renderer}
+        self._ports: dict[str, Any] = {name: port for name, port in given.items() if port is not None}
         self._lock = threading.Lock()
+
+    def _port(self, name: str, build: Callable[[Settings], T]) -> T:
+        """The port `name`, built from the settings on first use (once, whichever thread asks)."""
+        if name not in self._ports:
+            with self._lock:
+                if name not in self._ports:
+                    self._ports[name] = build(self.settings)
+        port: T = self._ports[name]
+        return port
 
     @property
     def policy(self) -> Policy:
-        s = self.settings
-        return Policy(
-            limits=s.limits,
-            max_attempts=s.max_attempts,
-            lease_seconds=s.lease_seconds,
-            max_content_length=s.max_content_length,
-            reconcile_after_seconds=s.reconcile_after_seconds,
-            sweep_grace_seconds=s.sweep_grace_seconds,
-            sweep_batch=s.sweep_batch_size,
-            sweep_time_budget_seconds=float(s.sweep_time_budget_seconds),
-            health_stale_seconds=s.health_stale_seconds,
-            render_max_length=s.render_max_length,
-            account_caps=s.account_caps,
-            sweep_task_concurrency=s.sweep_task_concurrency,
-        )
+        return self.settings.policy
 
     @property
     def store(self) -> Store:
-        if self._store is None:
-            with self._lock:
-                if self._store is None:
-                    self._store = build_store(self.settings)
-        return self._store
+        return self._port("store", build_store)
 
     @property
     def tasks(self) -> TaskQueue:
-        if self._tasks is None:
-            with self._lock:
-                if self._tasks is None:
-                    self._tasks = build_tasks(self.settings)
-        return self._tasks
+        return self._port("tasks", build_tasks)
 
     @property
     def events(self) -> EventPublisher | None:
         """None when no topic is configured: events then wait in the outbox."""
-        if not self._events_built:
-            with self._lock:
-                if not self._events_built:
-                    self._events = build_events(self.settings)
-                    self._events_built = True
-        return self._events
+        return self._port("events", build_events)
 
     @property
     def renderer(self) -> Renderer:
         """Built on the first model call, not here: most deliveries render nothing, and importing
         the anthropic client costs a cold instance about a second."""
-        if self._renderer is None:
-            with self._lock:
-                if self._renderer is None:
-                    self._renderer = LazyRenderer(lambda: build_renderer(self.settings))
-        return self._renderer
+        return self._port("renderer", lambda settings: LazyRenderer(lambda: build_renderer(settings)))
 
     @property
     def sms(self) -> SmsSender:
-        if self._sms is None:
-            with self._lock:
-                if self._sms is None:
-                    self._sms = build_sms(self.settings)
-        return self._sms
+        return self._port("sms", build_sms)
 
 
 def build_store(settings: Settings) -> Store:

@@ -1,4 +1,7 @@
-"""One Settings object, read from the environment once per instance."""
+"""One Settings object, read from the environment once per instance.
+
+Every default is written once: the policy's in shared.domain (Limits, Policy), the adapters' on
+the fields below; from_env falls back to those when a variable is unset or empty."""
 
 from __future__ import annotations
 
@@ -6,8 +9,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
+from functools import cached_property
+from typing import Any
 
-from shared.domain import AccountCaps, Limits
+from shared.domain import AccountCaps, Limits, Policy
+
+_LIMITS = Limits()
+_POLICY = Policy()
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -36,6 +44,57 @@ def _time(env: Mapping[str, str], name: str, default: time) -> time:
 def _str(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name, "").strip()
     return raw or None
+
+
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    """0 or unset: none (no cap)."""
+    return _int(env, name, 0) or None
+
+
+# Integer settings: (field, variable, minimum). Their defaults are the fields' own.
+_INTS = (
+    ("db_pool_max", "DB_POOL_MAX", 1),
+    ("twilio_timeout_seconds", "TWILIO_TIMEOUT_SECONDS", 1),
+    ("anthropic_timeout_seconds", "ANTHROPIC_TIMEOUT_SECONDS", 1),
+    ("render_max_length", "RENDER_MAX_LENGTH", 20),
+    ("max_attempts", "MAX_ATTEMPTS", 1),
+    ("lease_seconds", "CLAIM_LEASE_SECONDS", 10),
+    ("max_content_length", "MAX_CONTENT_LENGTH", 1),
+    ("reconcile_after_seconds", "RECONCILE_AFTER_SECONDS", 1),
+    ("sweep_grace_seconds", "SWEEP_GRACE_SECONDS", 0),
+    ("sweep_batch_size", "SWEEP_BATCH_SIZE", 1),
+    ("sweep_time_budget_seconds", "SWEEP_TIME_BUDGET_SECONDS", 1),
+    ("sweep_task_concurrency", "SWEEP_TASK_CONCURRENCY", 1),
+    ("health_stale_seconds", "HEALTH_STALE_SECONDS", 1),
+)
+# Optional strings: (field, variable); unset or empty is None.
+_STRS = (
+    ("database_url", "DATABASE_URL"),
+    ("supabase_url", "SUPABASE_URL"),
+    ("supabase_service_key", "SUPABASE_SERVICE_KEY"),
+    ("deliver_url", "DELIVER_URL"),
+    ("tasks_service_account", "TASKS_SERVICE_ACCOUNT"),
+    ("cloud_tasks_emulator_host", "CLOUD_TASKS_EMULATOR_HOST"),
+    ("twilio_account_sid", "TWILIO_ACCOUNT_SID"),
+    ("twilio_auth_token", "TWILIO_AUTH_TOKEN"),
+    ("twilio_phone_number", "TWILIO_PHONE_NUMBER"),
+    ("twilio_messaging_service_sid", "TWILIO_MESSAGING_SERVICE_SID"),
+    ("twilio_api_base_url", "TWILIO_API_BASE_URL"),
+    ("status_callback_url", "STATUS_CALLBACK_URL"),
+    ("twilio_webhook_base_url", "TWILIO_WEBHOOK_BASE_URL"),
+    ("events_topic", "EVENTS_TOPIC"),
+    ("inbound_topic", "INBOUND_TOPIC"),
+    ("anthropic_api_key", "ANTHROPIC_API_KEY"),
+    ("anthropic_base_url", "ANTHROPIC_BASE_URL"),
+)
+# Strings with a default: (field, variable).
+_NAMES = (
+    ("google_cloud_project", "GOOGLE_CLOUD_PROJECT"),
+    ("tasks_location", "TASKS_LOCATION"),
+    ("tasks_queue", "TASKS_QUEUE"),
+    ("anthropic_model", "ANTHROPIC_MODEL"),
+    ("log_level", "LOG_LEVEL"),
+)
 
 
 @dataclass(frozen=True)
@@ -70,82 +129,71 @@ class Settings:
     anthropic_base_url: str | None = None
     anthropic_model: str = "claude-sonnet-4-5"
     anthropic_timeout_seconds: int = 10
-    render_max_length: int = 320
-    # the whole sending account (Twilio plan and carrier limits); 0 or unset: no cap
+    # the policy: defaults from shared.domain
+    render_max_length: int = _POLICY.render_max_length
     account_caps: AccountCaps = field(default_factory=AccountCaps)
-    # policy defaults
     limits: Limits = field(default_factory=Limits)
-    max_attempts: int = 5
-    lease_seconds: int = 120
-    max_content_length: int = 1600
-    reconcile_after_seconds: int = 30
-    sweep_grace_seconds: int = 120
-    sweep_batch_size: int = 200
-    sweep_time_budget_seconds: int = 50
-    sweep_task_concurrency: int = 16
-    health_stale_seconds: int = 300
+    max_attempts: int = _POLICY.max_attempts
+    lease_seconds: int = _POLICY.lease_seconds
+    max_content_length: int = _POLICY.max_content_length
+    reconcile_after_seconds: int = _POLICY.reconcile_after_seconds
+    sweep_grace_seconds: int = _POLICY.sweep_grace_seconds
+    sweep_batch_size: int = _POLICY.sweep_batch
+    sweep_time_budget_seconds: int = int(_POLICY.sweep_time_budget_seconds)
+    sweep_task_concurrency: int = _POLICY.sweep_task_concurrency
+    health_stale_seconds: int = _POLICY.health_stale_seconds
     log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
-        limits = Limits(
-            cooldown_seconds=_int(e, "COOLDOWN_SECONDS", 30),
-            hourly_limit=_int(e, "HOURLY_LIMIT", 2, minimum=1),
-            daily_limit=_int(e, "DAILY_LIMIT", 10, minimum=1),
-            quiet_hours_start=_time(e, "QUIET_HOURS_START", time(22, 0)),
-            quiet_hours_end=_time(e, "QUIET_HOURS_END", time(8, 0)),
-            active_window_seconds=_int(e, "ACTIVE_WINDOW_MINUTES", 10) * 60,
-            low_daily_reserve=_int(e, "LOW_PRIORITY_DAILY_RESERVE", 2),
-            weekly_limit=_int(e, "WEEKLY_LIMIT", 0) or None,
+        values: dict[str, Any] = {name: _str(e, var) for name, var in _STRS}
+        values |= {name: _str(e, var) or getattr(cls, name) for name, var in _NAMES}
+        values |= {name: _int(e, var, getattr(cls, name), minimum) for name, var, minimum in _INTS}
+        values["log_level"] = str(values["log_level"]).upper()
+        values["twilio_signature_bypass_local"] = (_str(e, "TWILIO_SIGNATURE_BYPASS") or "") == "local-only"
+        values["account_caps"] = AccountCaps(
+            per_second=_optional_int(e, "ACCOUNT_RATE_PER_SECOND"),
+            hourly=_optional_int(e, "ACCOUNT_HOURLY_LIMIT"),
+            daily=_optional_int(e, "ACCOUNT_DAILY_LIMIT"),
         )
-        return cls(
-            database_url=_str(e, "DATABASE_URL"),
-            supabase_url=_str(e, "SUPABASE_URL"),
-            supabase_service_key=_str(e, "SUPABASE_SERVICE_KEY"),
-            db_pool_max=_int(e, "DB_POOL_MAX", 4, minimum=1),
-            google_cloud_project=_str(e, "GOOGLE_CLOUD_PROJECT") or "local-project",
-            tasks_location=_str(e, "TASKS_LOCATION") or "us-central1",
-            tasks_queue=_str(e, "TASKS_QUEUE") or "message-delivery",
-            deliver_url=_str(e, "DELIVER_URL"),
-            tasks_service_account=_str(e, "TASKS_SERVICE_ACCOUNT"),
-            cloud_tasks_emulator_host=_str(e, "CLOUD_TASKS_EMULATOR_HOST"),
-            twilio_account_sid=_str(e, "TWILIO_ACCOUNT_SID"),
-            twilio_auth_token=_str(e, "TWILIO_AUTH_TOKEN"),
-            twilio_phone_number=_str(e, "TWILIO_PHONE_NUMBER"),
-            twilio_messaging_service_sid=_str(e, "TWILIO_MESSAGING_SERVICE_SID"),
-            twilio_api_base_url=_str(e, "TWILIO_API_BASE_URL"),
-            twilio_timeout_seconds=_int(e, "TWILIO_TIMEOUT_SECONDS", 10, minimum=1),
-            status_callback_url=_str(e, "STATUS_CALLBACK_URL"),
-            twilio_webhook_base_url=_str(e, "TWILIO_WEBHOOK_BASE_URL"),
-            twilio_signature_bypass_local=(_str(e, "TWILIO_SIGNATURE_BYPASS") or "") == "local-only",
-            events_topic=_str(e, "EVENTS_TOPIC"),
-            inbound_topic=_str(e, "INBOUND_TOPIC"),
-            anthropic_api_key=_str(e, "ANTHROPIC_API_KEY"),
-            anthropic_base_url=_str(e, "ANTHROPIC_BASE_URL"),
-            anthropic_model=_str(e, "ANTHROPIC_MODEL") or "claude-sonnet-4-5",
-            anthropic_timeout_seconds=_int(e, "ANTHROPIC_TIMEOUT_SECONDS", 10, minimum=1),
-            render_max_length=_int(e, "RENDER_MAX_LENGTH", 320, minimum=20),
-            account_caps=AccountCaps(
-                per_second=_int(e, "ACCOUNT_RATE_PER_SECOND", 0) or None,
-                hourly=_int(e, "ACCOUNT_HOURLY_LIMIT", 0) or None,
-                daily=_int(e, "ACCOUNT_DAILY_LIMIT", 0) or None,
-            ),
-            limits=limits,
-            max_attempts=_int(e, "MAX_ATTEMPTS", 5, minimum=1),
-            lease_seconds=_int(e, "CLAIM_LEASE_SECONDS", 120, minimum=10),
-            max_content_length=_int(e, "MAX_CONTENT_LENGTH", 1600, minimum=1),
-            reconcile_after_seconds=_int(e, "RECONCILE_AFTER_SECONDS", 30, minimum=1),
-            sweep_grace_seconds=_int(e, "SWEEP_GRACE_SECONDS", 120, minimum=0),
-            sweep_batch_size=_int(e, "SWEEP_BATCH_SIZE", 200, minimum=1),
-            sweep_time_budget_seconds=_int(e, "SWEEP_TIME_BUDGET_SECONDS", 50, minimum=1),
-            sweep_task_concurrency=_int(e, "SWEEP_TASK_CONCURRENCY", 16, minimum=1),
-            health_stale_seconds=_int(e, "HEALTH_STALE_SECONDS", 300, minimum=1),
-            log_level=(_str(e, "LOG_LEVEL") or "INFO").upper(),
-        )
+        values["limits"] = _limits(e)
+        return cls(**values)
 
     @property
     def tasks_queue_path(self) -> str:
         return (
             f"projects/{self.google_cloud_project}/locations/{self.tasks_location}/queues/{self.tasks_queue}"
         )
+
+    @cached_property
+    def policy(self) -> Policy:
+        """The slice of the settings the use cases run with."""
+        return Policy(
+            limits=self.limits,
+            max_attempts=self.max_attempts,
+            lease_seconds=self.lease_seconds,
+            max_content_length=self.max_content_length,
+            reconcile_after_seconds=self.reconcile_after_seconds,
+            sweep_grace_seconds=self.sweep_grace_seconds,
+            sweep_batch=self.sweep_batch_size,
+            sweep_time_budget_seconds=float(self.sweep_time_budget_seconds),
+            health_stale_seconds=self.health_stale_seconds,
+            render_max_length=self.render_max_length,
+            account_caps=self.account_caps,
+            sweep_task_concurrency=self.sweep_task_concurrency,
+        )
+
+
+def _limits(e: Mapping[str, str]) -> Limits:
+    d = _LIMITS
+    return Limits(
+        cooldown_seconds=_int(e, "COOLDOWN_SECONDS", d.cooldown_seconds),
+        hourly_limit=_int(e, "HOURLY_LIMIT", d.hourly_limit, minimum=1),
+        daily_limit=_int(e, "DAILY_LIMIT", d.daily_limit, minimum=1),
+        quiet_hours_start=_time(e, "QUIET_HOURS_START", d.quiet_hours_start),
+        quiet_hours_end=_time(e, "QUIET_HOURS_END", d.quiet_hours_end),
+        active_window_seconds=_int(e, "ACTIVE_WINDOW_MINUTES", d.active_window_seconds // 60) * 60,
+        low_daily_reserve=_int(e, "LOW_PRIORITY_DAILY_RESERVE", d.low_daily_reserve),
+        weekly_limit=_optional_int(e, "WEEKLY_LIMIT"),  # unset: none, as Limits has it
+    )

@@ -232,3 +232,25 @@ class StoredMessage:
     @property
     def is_sequence(self) -> bool:
         return bool(self.parts)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The tuning the use cases run with. These defaults are the deployed ones: shared.config reads
+    each from its environment variable and falls back to the value here."""
+
+    limits: Limits = field(default_factory=Limits)
+    max_attempts: int = 5
+    lease_seconds: int = 120
+    max_content_length: int = 1600
+    reconcile_after_seconds: int = 30
+    sweep_grace_seconds: int = 120
+    sweep_batch: int = 200
+    sweep_time_budget_seconds: float = 50.0
+    task_horizon_seconds: int = 30 * 86400 - 300
+    health_stale_seconds: int = 300
+    render_max_length: int = 320
+    conversation_turns: int = 20
+    account_caps: AccountCaps = field(default_factory=AccountCaps)
+    # Cloud Tasks calls in flight while the sweep re-tasks a batch (each is a network round trip).
+    sweep_task_concurrency: int = 16

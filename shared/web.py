@@ -12,12 +12,13 @@ from typing import Any
 
 import flask
 
-from shared import service
+from shared import policy, service
 from shared.bootstrap import Container
 from shared.domain import StoredMessage
 from shared.errors import Forbidden, OrchestratorError, ValidationError
 from shared.log import event, set_trace
-from shared.models import iso
+from shared.models import SweepReport, iso
+from shared.parsing import ScheduleRequest, parse_task
 
 log = logging.getLogger("orchestrator.http")
 
@@ -66,6 +67,49 @@ def message_json(m: StoredMessage) -> dict[str, Any]:
         ]
         or None,
     }
+
+
+def schedule_body(result: service.ScheduleResult) -> dict[str, Any]:
+    """The answer to a schedule request (201 created, 200 an idempotent replay)."""
+    m = result.message
+    return {
+        "success": True,
+        "messageId": str(m.id),
+        "status": m.status,
+        "scheduledFor": iso(m.scheduled_for),
+        "reason": m.reason,
+        "explanation": policy.REASONS.get(m.reason or "", m.reason),
+        "blockedBy": list(result.blocked_by),
+        "priority": m.priority,
+        "idempotentReplay": not result.created,
+        "parts": len(m.parts) or None,
+        "topicKey": m.topic_key,
+        "superseded": [str(s) for s in result.superseded],
+    }
+
+
+def health_answer(report: service.HealthReport) -> tuple[int, dict[str, Any]]:
+    """The seed's health document: 200 healthy, 503 with the reason when not."""
+    body: dict[str, Any] = {
+        "status": "healthy",
+        "service": "message-orchestrator",
+        "timestamp": iso(report.now),
+    }
+    h = report.queue
+    if h is not None:
+        overdue = (report.now - h.oldest_overdue_at).total_seconds() if h.oldest_overdue_at else 0.0
+        body["stats"] = {
+            "messagesQueued": h.queued,
+            "messagesSending": h.sending,
+            "messagesProcessed": h.sent_24h,
+            "lastProcessTime": iso(h.last_sweep_at),
+            "lastSweep": h.last_sweep_counts,
+            "oldestOverdueSeconds": max(0.0, overdue),
+            "processorRunning": report.problem is None,
+        }
+    if report.problem is not None:
+        return 503, body | {"status": "unhealthy", "reason": report.problem}
+    return 200, body
 
 
 def method_not_allowed(allow: str, message: str | None = None) -> Response:
@@ -142,17 +186,17 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
                 200,
                 {"success": True, "alreadyCancelled": cancelled.already, **message_json(cancelled.message)},
             )
-        body = _json_body(request)
-        result = service.schedule(
-            body,
-            store=c.store,
-            tasks=c.tasks,
-            config=c.policy,
-            now=c.clock(),
+        now = c.clock()
+        parsed = ScheduleRequest.parse(
+            _json_body(request),
+            now=now,
+            max_content_length=c.policy.max_content_length,
             idempotency_header=request.headers.get("Idempotency-Key"),
-            renderer=c.renderer,
         )
-        return respond(201 if result.created else 200, result.body())
+        result = service.schedule_request(
+            parsed, store=c.store, tasks=c.tasks, config=c.policy, now=now, renderer=c.renderer
+        )
+        return respond(201 if result.created else 200, schedule_body(result))
 
     return handle(request, c, "schedule_message", run)
 
@@ -162,7 +206,7 @@ def deliver_message(request: flask.Request, c: Container) -> Response:
         if request.method != "POST":
             return method_not_allowed("POST")
         body = _json_body(request)
-        service.parse_task(body)  # a malformed task is a 400 before any adapter is built
+        parse_task(body)  # a malformed task is a 400 before any adapter is built
         outcome = service.deliver(
             body, store=c.store, tasks=c.tasks, sms=c.sms, config=c.policy, clock=c.clock, renderer=c.renderer
         )
@@ -184,19 +228,23 @@ def deliver_message(request: flask.Request, c: Container) -> Response:
     return handle(request, c, "deliver_message", run)
 
 
+def _sweep(c: Container, trigger: str) -> SweepReport:
+    return service.sweep(
+        store=c.store,
+        tasks=c.tasks,
+        sms=c.sms,
+        config=c.policy,
+        clock=c.clock,
+        trigger=trigger,
+        events=c.events,
+    )
+
+
 def process_queue(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         if request.method != "POST":
             return method_not_allowed("POST")
-        report = service.sweep(
-            store=c.store,
-            tasks=c.tasks,
-            sms=c.sms,
-            config=c.policy,
-            clock=c.clock,
-            trigger="http",
-            events=c.events,
-        )
+        report = _sweep(c, "http")
         return respond(
             200,
             {
@@ -214,23 +262,14 @@ def health(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         if request.method not in ("GET", "HEAD"):
             return method_not_allowed("GET")
-        status, body = service.health(store=c.store, config=c.policy, now=c.clock())
-        return respond(status, body)
+        return respond(*health_answer(service.health(store=c.store, config=c.policy, now=c.clock())))
 
     return handle(request, c, "health", run)
 
 
 def sweep_event(event_id: str | None, c: Container) -> None:
     """The sweep_queue CloudEvent: one sweep. A database outage raises, so Pub/Sub redelivers."""
-    service.sweep(
-        store=c.store,
-        tasks=c.tasks,
-        sms=c.sms,
-        config=c.policy,
-        clock=c.clock,
-        trigger=f"pubsub:{event_id or '-'}",
-        events=c.events,
-    )
+    _sweep(c, f"pubsub:{event_id or '-'}")
 
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
@@ -282,12 +321,24 @@ def _twiml(status: int = 200) -> Response:
     return EMPTY_TWIML, status, {"Content-Type": "text/xml"}
 
 
-def twilio_inbound(request: flask.Request, c: Container) -> Response:
+def _twilio_webhook(
+    request: flask.Request, c: Container, name: str, record: Callable[[dict[str, str]], object]
+) -> Response:
+    """A signed Twilio webhook: POST only, the signature checked, the form recorded, empty TwiML."""
+
     def run() -> Response:
         if request.method != "POST":
             return method_not_allowed("POST")
         _check_twilio_signature(request, c)
-        service.inbound(request.form.to_dict(flat=True), store=c.store, now=c.clock())
+        record(request.form.to_dict(flat=True))
+        return _twiml()
+
+    return handle(request, c, name, run)
+
+
+def twilio_inbound(request: flask.Request, c: Container) -> Response:
+    def record(form: dict[str, str]) -> None:
+        service.inbound(form, store=c.store, now=c.clock())
         # Agents hear of the reply at once; if Pub/Sub is down the sweep publishes it later.
         try:
             service.drain_events(store=c.store, publisher=c.events, clock=c.clock, limit=20)
@@ -295,17 +346,11 @@ def twilio_inbound(request: flask.Request, c: Container) -> Response:
             event(
                 log, logging.WARNING, "twilio_inbound: event drain deferred to the sweep", error=exc.message
             )
-        return _twiml()
 
-    return handle(request, c, "twilio_inbound", run)
+    return _twilio_webhook(request, c, "twilio_inbound", record)
 
 
 def twilio_status(request: flask.Request, c: Container) -> Response:
-    def run() -> Response:
-        if request.method != "POST":
-            return method_not_allowed("POST")
-        _check_twilio_signature(request, c)
-        service.status_callback(request.form.to_dict(flat=True), store=c.store, now=c.clock())
-        return _twiml()
-
-    return handle(request, c, "twilio_status", run)
+    return _twilio_webhook(
+        request, c, "twilio_status", lambda form: service.status_callback(form, store=c.store, now=c.clock())
+    )

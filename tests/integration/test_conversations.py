@@ -294,7 +294,7 @@ def test_events_reach_pubsub_and_survive_an_outage(
     # Pub/Sub down: the webhook still answers, the message is recorded, the event waits.
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:1")
     down = PubSubPublisher(pubsub_v1.PublisherClient(), project=project, topics=topics, timeout_seconds=1)
-    container._events, container._events_built = down, True
+    container._ports["events"] = down
     assert signed_post("twilio_inbound", inbound_form("+15553330012", "is it booked?")).status_code == 200
     assert sql(database_url, "select count(*) from messages where direction = 'inbound'") == [(1,)]
     assert sql(database_url, "select count(*) from events_outbox where published_at is null") == [(1,)]

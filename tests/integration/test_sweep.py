@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from shared import service
+from shared import service, web
 from shared.dev.sink import SmsSink
 from shared.domain import Limits
 from shared.errors import StoreUnavailable
@@ -322,22 +322,26 @@ def test_the_sweep_expires_what_can_no_longer_go_out(
 def test_health_reports_the_queue_and_the_sweep(
     store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender
 ) -> None:
-    status, body = service.health(store=store, config=POLICY, now=T0)
+    status, body = web.health_answer(service.health(store=store, config=POLICY, now=T0))
     assert (status, body["status"], body["reason"]) == (503, "unhealthy", "no_sweep_yet")
     user = make_user(store)
     schedule(store, tasks, user, T0 - timedelta(minutes=2), policy=POLICY)
     sweep(store, tasks, twilio_sender, T0)
-    status, body = service.health(store=store, config=POLICY, now=T0 + timedelta(minutes=1))
+    status, body = web.health_answer(
+        service.health(store=store, config=POLICY, now=T0 + timedelta(minutes=1))
+    )
     assert status == 200 and body["status"] == "healthy" and body["service"] == "message-orchestrator"
     stats = body["stats"]
     assert stats["messagesQueued"] == 1 and stats["processorRunning"] is True
     assert stats["lastProcessTime"] == "2025-06-02T15:00:00.000Z"
     assert stats["oldestOverdueSeconds"] == 180.0
-    status, body = service.health(store=store, config=POLICY, now=T0 + timedelta(minutes=6))
+    status, body = web.health_answer(
+        service.health(store=store, config=POLICY, now=T0 + timedelta(minutes=6))
+    )
     assert (status, body["reason"], body["stats"]["processorRunning"]) == (503, "sweep_stale", False)
     dead = PostgresStore("postgresql://postgres@127.0.0.1:1/none", timeout=0.5)
     try:
-        status, body = service.health(store=dead, config=POLICY, now=T0)
+        status, body = web.health_answer(service.health(store=dead, config=POLICY, now=T0))
         assert (status, body["reason"]) == (503, "database_unavailable")
     finally:
         dead.close()
