@@ -34,7 +34,8 @@ from shared import bootstrap, domain, errors, policy
 from shared.config import Settings
 from shared.dev.sink import SmsSink
 from shared.domain import STATUSES
-from shared.models import MAX_AGENT_ID, MAX_IDEMPOTENCY_KEY, MAX_PARTS, SCHEDULE_FIELDS, SweepReport
+from shared.models import SweepReport
+from shared.parsing import MAX_AGENT_ID, MAX_IDEMPOTENCY_KEY, MAX_PARTS, SCHEDULE_FIELDS
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.integration.sms_fixtures import TEST_AUTH_TOKEN

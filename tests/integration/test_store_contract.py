@@ -25,7 +25,8 @@ from supabase import create_client
 
 from shared.domain import Limits, Reservation
 from shared.errors import NotFound, OrchestratorError, StoreUnavailable, Unavailable, ValidationError
-from shared.models import Claim, NewMessage, ScheduleRequest
+from shared.models import Claim, NewMessage
+from shared.parsing import ScheduleRequest
 from shared.store.postgres import PostgresStore
 from shared.store.supabase import SupabaseStore
 from tests.support.constants import T0
