@@ -27,7 +27,7 @@ from shared.errors import (
 )
 from shared.log import event
 from shared.models import CancelResult, EnqueueResult, NewMessage, Rendered, UserContext, iso
-from shared.parsing import ScheduleRequest, field_name, parse_uuid, text_problem
+from shared.parsing import CancelRequest, ScheduleRequest, parse_uuid
 from shared.policy import Decision
 from shared.ports import Renderer, Store, TaskQueue
 from shared.service.common import log, wake
@@ -254,28 +254,3 @@ def cancel(message_id: str, body: Any, *, store: Store, now: datetime) -> Cancel
     )
     return result
 
-
-@dataclass(frozen=True)
-class CancelRequest:  # TEMPORARY until shared.parsing has it
-    message_id: uuid.UUID
-    agent_id: str | None
-    reason: str | None
-
-    @classmethod
-    def parse(cls, message_id: str, body: Any) -> CancelRequest:
-        parsed = parse_uuid(message_id)
-        errors = [] if parsed is not None else [{"field": "messageId", "reason": "must be a UUID"}]
-        body = {} if body is None else body
-        if not isinstance(body, dict):
-            raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
-        for name in sorted(set(body) - {"agentId", "reason"}):
-            errors.append({"field": field_name(name), "reason": "unknown field"})
-        agent_id, reason = body.get("agentId"), body.get("reason")
-        if agent_id is not None and (not isinstance(agent_id, str) or not agent_id.strip()):
-            errors.append({"field": "agentId", "reason": "must be a non-empty string"})
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 500 or text_problem(reason)):
-            errors.append({"field": "reason", "reason": "must be text of at most 500 characters"})
-        if errors:
-            raise ValidationError(errors)
-        assert parsed is not None
-        return cls(parsed, agent_id, reason)
