@@ -66,10 +66,10 @@ class CountingStore(PostgresStore):
             self.checks += 1
         ConnectionPool.check_connection(conn)
 
-    def call(self, function: str, args: Any) -> Any:
+    def call(self, function: str, /, **args: Any) -> Any:
         with self._count_lock:
             self.calls += 1
-        return super().call(function, args)
+        return super().call(function, **args)
 
     def counts(self) -> tuple[int, int]:
         with self._count_lock:

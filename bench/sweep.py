@@ -123,10 +123,10 @@ class TimedStore(PostgresStore):
         self.calls: dict[str, int] = defaultdict(int)
         self._timing_lock = threading.Lock()
 
-    def call(self, function: str, args: Sequence[Any]) -> Any:
+    def call(self, function: str, /, **args: Any) -> Any:
         started = time.perf_counter()
         try:
-            return super().call(function, args)
+            return super().call(function, **args)
         finally:
             spent = time.perf_counter() - started
             with self._timing_lock:

@@ -1,5 +1,5 @@
-"""Store adapters: Postgres through psycopg, and Supabase through supabase-py's rpc().
-
-Both call the same SQL functions (infra/supabase/migrations) and decode the same jsonb shapes with
-shared.store.decode, so they behave the same.
+"""The Store: written once in shared.store.store (SqlStore) over a driver that carries each call of
+an SQL function (infra/supabase/migrations) to the database: psycopg straight to Postgres
+(shared.store.postgres) or supabase-py's rpc() through PostgREST (shared.store.supabase). Results
+are decoded by shared.store.decode, so both behave the same.
 """

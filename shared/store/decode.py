@@ -1,4 +1,4 @@
-"""Decode the jsonb shapes the SQL functions return into domain types (shared by both stores)."""
+"""Decode the jsonb shapes the SQL functions return into domain types, whichever driver carried them."""
 
 from __future__ import annotations
 
@@ -45,16 +45,32 @@ def _uuid(value: Any) -> uuid.UUID | None:
     return None if value is None else uuid.UUID(str(value))
 
 
+def _part(p: dict[str, Any]) -> Part:
+    return Part(
+        position=int(p["position"]),
+        content=str(p["content"]),
+        delay_seconds=int(p.get("delay_seconds") or 0),
+        status=str(p.get("status") or "pending"),
+        twilio_message_sid=p.get("twilio_message_sid"),
+        sent_at=instant(p.get("sent_at")),
+        data=dict(p["data"]) if isinstance(p.get("data"), dict) else None,
+    )
+
+
+def _content(row: dict[str, Any], data: Any) -> str:
+    """The text to send: the final (rendered) message, else the agent's own messageData content."""
+    return row.get("final_message") or (data.get("content") if isinstance(data, dict) else None) or ""
+
+
 def message(row: dict[str, Any]) -> StoredMessage:
     data = row.get("message_data") or {}
-    content = row.get("final_message") or (data.get("content") if isinstance(data, dict) else None) or ""
     return StoredMessage(
         id=uuid.UUID(str(row["id"])),
         user_id=uuid.UUID(str(row["user_id"])),
         agent_id=row["agent_id"],
         status=row["status"],
         priority=row["priority"],
-        content=content,
+        content=_content(row, data),
         scheduled_for=_required_instant(row["scheduled_for"]),
         can_delay=bool(row.get("can_delay", True)),
         generation=int(row.get("task_generation") or 0),
@@ -72,18 +88,7 @@ def message(row: dict[str, Any]) -> StoredMessage:
         slot_at=instant(row.get("slot_at")),
         lease_expires_at=instant(row.get("lease_expires_at")),
         topic_key=row.get("topic_key"),
-        parts=tuple(
-            Part(
-                position=int(p["position"]),
-                content=str(p["content"]),
-                delay_seconds=int(p.get("delay_seconds") or 0),
-                status=str(p.get("status") or "pending"),
-                twilio_message_sid=p.get("twilio_message_sid"),
-                sent_at=instant(p.get("sent_at")),
-                data=dict(p["data"]) if isinstance(p.get("data"), dict) else None,
-            )
-            for p in sorted(row.get("parts") or [], key=lambda p: int(p["position"]))
-        ),
+        parts=tuple(_part(p) for p in sorted(row.get("parts") or [], key=lambda p: int(p["position"]))),
         superseded_by=_uuid(row.get("superseded_by_message_id")),
         message_data=dict(data) if isinstance(data, dict) else {},
         requires_fresh_context=bool(row.get("requires_fresh_context")),

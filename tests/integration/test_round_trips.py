@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -32,10 +32,10 @@ class CountingStore(PostgresStore):
         self.functions: list[str] = []
         self._lock = threading.Lock()
 
-    def call(self, function: str, args: Sequence[Any]) -> Any:
+    def call(self, function: str, /, **args: Any) -> Any:
         with self._lock:
             self.functions.append(function)
-        return super().call(function, args)
+        return super().call(function, **args)
 
     def take(self) -> list[str]:
         with self._lock:

@@ -995,11 +995,11 @@ def test_a_timeout_is_store_unavailable(postgrest: PostgrestStandIn) -> None:
 def test_a_refused_call_is_a_store_error(supabase_store: SupabaseStore, postgrest: PostgrestStandIn) -> None:
     postgrest.clear()
     with pytest.raises(OrchestratorError) as caught:
-        supabase_store._rpc("mq_no_such_function", {"p_x": 1})
+        supabase_store.call("mq_no_such_function", x=1)
     assert type(caught.value).__name__ == "StoreError"
     assert "PGRST202" in caught.value.message
     with pytest.raises(OrchestratorError) as bad_arg:
-        supabase_store._rpc("mq_get", {"p_message_id": "not-a-uuid"})
+        supabase_store.call("mq_get", message_id="not-a-uuid")
     assert not isinstance(bad_arg.value, Unavailable)
     assert "22P02" in bad_arg.value.message
 
