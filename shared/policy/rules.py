@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from shared.domain import RANK, Limits, Reservation
-from shared.policy import IN_FLIGHT, NOTIFICATIONS_DISABLED, OPTED_OUT, REASONS, UNDELIVERABLE, zone
+from shared.policy.decision import IN_FLIGHT, NOTIFICATIONS_DISABLED, OPTED_OUT, REASONS, UNDELIVERABLE
+from shared.policy.local_time import zone
 
 # Reasons a message will never go out: a delivery fails it with the reason.
 NEVER = frozenset({OPTED_OUT, UNDELIVERABLE, NOTIFICATIONS_DISABLED})

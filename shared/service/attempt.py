@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from shared import policy_rules as rules
 from shared.domain import EXPIRED, FAILED, QUEUED, Policy, StoredMessage
 from shared.models import DeliveryContext, Outcome
+from shared.policy import rules
 from shared.ports import Renderer, SmsSender, Store, TaskQueue
 from shared.service.common import Clock, outcome, wake
 

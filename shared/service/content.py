@@ -14,11 +14,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from shared import policy_rules as rules
 from shared.domain import QUEUED, SUPERSEDED, Part, Policy, StoredMessage
 from shared.errors import RenderUnavailable
 from shared.log import event
 from shared.models import Outcome, Turn
+from shared.policy import rules
 from shared.ports import Renderer
 from shared.service.attempt import DeliveryAttempt
 from shared.service.common import log

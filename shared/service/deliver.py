@@ -10,10 +10,10 @@ from datetime import timedelta
 from typing import Any
 
 from shared import policy
-from shared import policy_rules as rules
 from shared.domain import FINAL_STATUSES, SENDING, Policy, StoredMessage, sequence_span
 from shared.models import Claim, Outcome
 from shared.parsing import parse_task
+from shared.policy import rules
 from shared.ports import Renderer, SmsSender, Store, TaskQueue
 from shared.service.attempt import DeliveryAttempt
 from shared.service.common import Clock, outcome

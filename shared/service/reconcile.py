@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from shared import policy_rules as rules
 from shared.domain import Policy
 from shared.errors import TransientSendError
 from shared.log import event
 from shared.models import StaleClaim
+from shared.policy import rules
 from shared.ports import SmsSender, Store, TaskQueue
 from shared.service.common import Clock, log, wake
 

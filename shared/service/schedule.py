@@ -10,7 +10,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from shared import policy
-from shared import policy_rules as rules
 from shared.domain import Part, Policy, StoredMessage, sequence_span
 from shared.errors import (
     Forbidden,
@@ -28,7 +27,7 @@ from shared.errors import (
 from shared.log import event
 from shared.models import CancelResult, EnqueueResult, NewMessage, Rendered, UserContext, iso
 from shared.parsing import CancelRequest, ScheduleRequest, parse_uuid
-from shared.policy import Decision
+from shared.policy import Decision, rules
 from shared.ports import Renderer, Store, TaskQueue
 from shared.service.common import log, wake
 from shared.service.content import error_usage, render_parts
@@ -253,4 +252,3 @@ def cancel(message_id: str, body: Any, *, store: Store, now: datetime) -> Cancel
         reason="cancelled",
     )
     return result
-

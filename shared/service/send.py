@@ -12,11 +12,11 @@ from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 
-from shared import policy_rules as rules
 from shared.domain import FAILED, SENDING, Part
 from shared.errors import PermanentSendError, StoreUnavailable, TransientSendError
 from shared.log import event
 from shared.models import Outcome, iso
+from shared.policy import rules
 from shared.service.attempt import DeliveryAttempt
 from shared.service.common import log
 

@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
-from shared import policy_rules as rules
 from shared.domain import Policy
 from shared.errors import StoreUnavailable, Unavailable
 from shared.log import event
 from shared.models import QueueHealth, SweepReport, TaskRef
+from shared.policy import rules
 from shared.ports import EventPublisher, SmsSender, Store, TaskQueue
 from shared.service.common import Clock, log
 from shared.service.conversations import drain_events

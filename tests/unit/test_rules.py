@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared import policy_rules as rules
 from shared.domain import Limits, Reservation
+from shared.policy import rules
 
 NOW = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
 
