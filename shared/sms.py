@@ -177,39 +177,52 @@ def classify(exc: BaseException) -> SendError:
     auth/config errors (401/403) too: they are not this message's fault and heal once config is fixed.
     """
     if isinstance(exc, requests.RequestException):
-        # ConnectTimeout is also a ConnectionError and a Timeout: check it first.
-        if isinstance(exc, requests.ConnectTimeout):
-            return TransientSendError("timed out connecting to Twilio", code=CONNECT_TIMEOUT)
-        if isinstance(exc, requests.Timeout):
-            return TransientSendError(
-                "Twilio did not answer in time; the message may have been sent", code=TIMEOUT
-            )
-        if isinstance(exc, requests.ConnectionError):
-            return TransientSendError("connection to Twilio failed", code=CONNECTION_ERROR)
-        return TransientSendError(f"request to Twilio failed: {type(exc).__name__}", code=REQUEST_ERROR)
-
+        return _request_failure(exc)
     status = getattr(exc, "status", None)
-    code = getattr(exc, "code", None)
     if isinstance(exc, TwilioException) and isinstance(status, int):
-        # TwilioRestException (legacy body) or TwilioServiceException (RFC 9457 body). When the body
-        # has no code the library puts the HTTP status there instead; that is not a Twilio code.
-        twilio_code = code if isinstance(code, int) and code != status else None
-        reason = _twilio_message(exc)
-        provider_code = str(twilio_code) if twilio_code is not None else None
-        if twilio_code in PERMANENT_CODES:
-            return PermanentSendError(reason, code=provider_code, status=status)
-        if twilio_code == RATE_LIMITED_CODE or status == 429 or status >= 500:
-            return TransientSendError(reason, code=provider_code, status=status)
-        if status in (400, 404) and twilio_code is not None:
-            return PermanentSendError(reason, code=provider_code, status=status)
-        return TransientSendError(reason, code=provider_code, status=status)
-
+        return _twilio_answer(exc, status)
     if isinstance(exc, TwilioException):
         return TransientSendError(f"Twilio client error: {type(exc).__name__}", code=CLIENT_ERROR)
     # A ValueError from create is the library failing to parse a 2xx body (json.JSONDecodeError).
     return TransientSendError(
         "unreadable answer from Twilio; the message may have been sent", code=BAD_RESPONSE
     )
+
+
+# requests' failures that never got an answer, the most specific first: ConnectTimeout is also a
+# ConnectionError and a Timeout.
+_REQUEST_FAILURES: tuple[tuple[type[requests.RequestException], str, str], ...] = (
+    (requests.ConnectTimeout, "timed out connecting to Twilio", CONNECT_TIMEOUT),
+    (requests.Timeout, "Twilio did not answer in time; the message may have been sent", TIMEOUT),
+    (requests.ConnectionError, "connection to Twilio failed", CONNECTION_ERROR),
+)
+
+
+def _request_failure(exc: requests.RequestException) -> TransientSendError:
+    for kind, reason, code in _REQUEST_FAILURES:
+        if isinstance(exc, kind):
+            return TransientSendError(reason, code=code)
+    return TransientSendError(f"request to Twilio failed: {type(exc).__name__}", code=REQUEST_ERROR)
+
+
+def _twilio_answer(exc: TwilioException, status: int) -> SendError:
+    """An error Twilio answered with an HTTP status: TwilioRestException (legacy body) or
+    TwilioServiceException (RFC 9457 body)."""
+    code = getattr(exc, "code", None)
+    # When the body has no code the library puts the HTTP status there instead; that is not a Twilio code.
+    twilio_code = code if isinstance(code, int) and code != status else None
+    provider_code = str(twilio_code) if twilio_code is not None else None
+    error = PermanentSendError if _is_permanent(twilio_code, status) else TransientSendError
+    return error(_twilio_message(exc), code=provider_code, status=status)
+
+
+def _is_permanent(twilio_code: int | None, status: int) -> bool:
+    if twilio_code in PERMANENT_CODES:
+        return True
+    if twilio_code == RATE_LIMITED_CODE or status == 429 or status >= 500:
+        return False
+    # A 400 or 404 naming a Twilio code refuses this request; without one it is not known to be permanent.
+    return status in (400, 404) and twilio_code is not None
 
 
 def _twilio_message(exc: BaseException) -> str:
