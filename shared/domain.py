@@ -83,8 +83,8 @@ class UserSettings:
     weekly_limit: int | None = None
 
     def limits(self, defaults: Limits) -> Limits:
-        # Cached: dataclasses.replace was a quarter of a decision's time, and the overrides take
-        # few distinct values (most users have none), so the merged Limits repeat.
+        # Cached: every decision merges them, and the overrides take few distinct values (most
+        # users have none), so the merged Limits repeat (bench/results.md History, "After afb0027").
         if (
             self.quiet_hours_enabled
             and self.quiet_hours_start is None
