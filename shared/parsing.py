@@ -1,7 +1,4 @@
-"""Parsing at the edge: what agents and Twilio send us, validated into request types.
-
-Every parser raises ValidationError naming every bad field (`[{"field": ..., "reason": ...}]`).
-"""
+"""Parsing at the edge: what agents and Twilio send us, validated (ValidationError names every bad field)."""
 
 from __future__ import annotations
 
@@ -9,43 +6,38 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from typing import Any
 
 from shared.domain import DEFAULT_PART_DELAY_SECONDS, PRIORITIES, Part, needs_render
 from shared.errors import ValidationError
 from shared.models import iso, validate_structured
 
-SCHEDULE_FIELDS = frozenset(
-    {
-        "userId",
-        "agentId",
-        "messageData",
-        "priority",
-        "canDelay",
-        "requiresFreshContext",
-        "conversationId",
-        "idempotencyKey",
-        "expiresAt",
-        "sequence",
-        "topicKey",
-    }
-)
+SCHEDULE_FIELDS = frozenset({"userId", "agentId", "messageData", "priority", "canDelay",
+                             "requiresFreshContext", "conversationId", "idempotencyKey", "expiresAt",
+                             "sequence", "topicKey"})  # fmt: skip
 PART_FIELDS = frozenset({"content", "delaySeconds"})
 MAX_AGENT_ID = 100
 MAX_TOPIC_KEY = 100
 MIN_PARTS, MAX_PARTS = 2, 5
 MAX_PART_DELAY_SECONDS = 10
 MAX_IDEMPOTENCY_KEY = 255
+CANCEL_FIELDS = frozenset({"agentId", "reason"})
+MAX_CANCEL_REASON = 500
+_NO_ID = uuid.UUID(int=0)  # a placeholder for an id that is not valid (then the request is not)
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
+START_WORDS = frozenset({"START", "UNSTOP", "YES"})
+HELP_WORDS = frozenset({"HELP"})
+_KEYWORDS = {word: kw for kw, words in (("stop", STOP_WORDS), ("start", START_WORDS), ("help", HELP_WORDS))
+             for word in words}  # fmt: skip
 
 
 def parse_uuid(value: Any) -> uuid.UUID | None:
-    if not isinstance(value, str):
-        return None
     try:
-        return uuid.UUID(value)
+        return uuid.UUID(value) if isinstance(value, str) else None
     except ValueError:
         return None
 
@@ -75,16 +67,10 @@ def text_problem(value: Any) -> str | None:
         except UnicodeEncodeError:
             return "must be valid UTF-8 text (no unpaired surrogates)"
         return None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            problem = text_problem(k) or text_problem(v)
-            if problem:
-                return problem
+    if isinstance(value, dict):  # each key, then its value
+        return next(filter(None, map(text_problem, chain.from_iterable(value.items()))), None)
     if isinstance(value, list):
-        for item in value:
-            problem = text_problem(item)
-            if problem:
-                return problem
+        return next(filter(None, map(text_problem, value)), None)
     return None
 
 
@@ -95,12 +81,25 @@ def field_name(name: str) -> str:
     return json.dumps(name)
 
 
+class Errors(list[dict[str, str]]):
+    """What a parser found wrong, in the order it checked: `bad(field, reason)` adds one."""
+
+    def __call__(self, name: str, reason: str) -> None:
+        self.append({"field": name, "reason": reason})
+
+    def unknown(self, data: dict[str, Any], known: frozenset[str], prefix: str = "") -> None:
+        for name in sorted(set(data) - known):
+            self(prefix + field_name(name), "unknown field")
+
+    def raise_any(self) -> None:
+        if self:
+            raise ValidationError(list(self))
+
+
 def parts_json(parts: tuple[Part, ...]) -> list[dict[str, Any]]:
     """As the agent sent them (the request digest and message_data): text, or structured data."""
     return [
-        {"content": p.content, "delaySeconds": p.delay_seconds}
-        if p.data is None
-        else {**p.data, "delaySeconds": p.delay_seconds}
+        {**({"content": p.content} if p.data is None else p.data), "delaySeconds": p.delay_seconds}
         for p in parts
     ]
 
@@ -156,176 +155,183 @@ class ScheduleRequest:
         idempotency_header: str | None = None,
     ) -> ScheduleRequest:
         """Validate an agent's JSON body; raises ValidationError naming every bad field."""
-        errors: list[dict[str, str]] = []
-
-        def bad(name: str, reason: str) -> None:
-            errors.append({"field": name, "reason": reason})
-
         if not isinstance(body, dict):
             raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
-        for name in sorted(set(body) - SCHEDULE_FIELDS):
-            bad(field_name(name), "unknown field")
-        for name in sorted(SCHEDULE_FIELDS & set(body)):
-            problem = text_problem(body[name])
-            if problem:
-                bad(name, problem)
-
-        user_id = parse_uuid(body.get("userId"))
-        if "userId" not in body:
-            bad("userId", "is required")
-        elif user_id is None:
-            bad("userId", "must be a UUID")
-
-        agent_id = body.get("agentId")
-        if "agentId" not in body:
-            bad("agentId", "is required")
-        elif not isinstance(agent_id, str) or not agent_id.strip():
-            bad("agentId", "must be a non-empty string")
-        elif len(agent_id) > MAX_AGENT_ID:
-            bad("agentId", f"must be at most {MAX_AGENT_ID} characters")
-
-        message_data = body.get("messageData")
-        content = ""
-        parts: tuple[Part, ...] = ()
-        if "sequence" in body:
-            if "messageData" in body:
-                bad("sequence", "give either messageData or sequence, not both")
-            parts = _parse_sequence(body["sequence"], bad, max_content_length)
-            content = "\n".join(p.content for p in parts if p.content)
-            message_data = {"sequence": parts_json(parts)}
-        elif "messageData" not in body:
-            bad("messageData", "is required (or sequence)")
-        elif not isinstance(message_data, dict):
-            bad("messageData", "must be an object")
-        elif "content" not in message_data:
-            for e in validate_structured(message_data):
-                bad(e["field"], e["reason"])
-        else:
-            content = _parse_content(message_data, "messageData", bad, max_content_length)
-
-        topic_key = body.get("topicKey")
-        if topic_key is not None and (
-            not isinstance(topic_key, str) or not topic_key.strip() or len(topic_key) > MAX_TOPIC_KEY
-        ):
-            bad("topicKey", f"must be a non-empty string of at most {MAX_TOPIC_KEY} characters")
-
-        priority = body.get("priority", "medium")
-        if priority not in PRIORITIES:
-            bad("priority", f"must be one of {', '.join(PRIORITIES)}")
-
-        flags: dict[str, bool] = {}
-        for name, default in (("canDelay", True), ("requiresFreshContext", False)):
-            value = body.get(name, default)
-            if not isinstance(value, bool):
-                bad(name, "must be true or false")
-            flags[name] = bool(value) if isinstance(value, bool) else default
-
-        conversation_id = None
-        if body.get("conversationId") is not None:
-            conversation_id = parse_uuid(body["conversationId"])
-            if conversation_id is None:
-                bad("conversationId", "must be a UUID")
-
-        key = body.get("idempotencyKey")
-        if key is None:
-            key = idempotency_header
-        elif idempotency_header is not None and idempotency_header != key:
-            bad("idempotencyKey", "differs from the Idempotency-Key header")
-        if key is not None and (
-            not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY
-        ):
-            bad("idempotencyKey", f"must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} characters")
-
-        expires_at = None
-        if body.get("expiresAt") is not None:
-            expires_at = parse_instant(body["expiresAt"])
-            if expires_at is None:
-                bad("expiresAt", "must be an ISO 8601 timestamp with a timezone offset")
-            elif expires_at <= now:
-                bad("expiresAt", "must be in the future")
-
-        if errors:
-            raise ValidationError(errors)
-        assert user_id is not None and isinstance(agent_id, str) and isinstance(message_data, dict)
-        return cls(
+        bad = Errors()
+        fields = _ScheduleFields(body, bad, max_content_length)
+        fields.names()
+        user_id, agent_id = fields.uuid("userId", required=True) or _NO_ID, fields.agent_id()
+        message_data, content, parts = fields.message()
+        request = cls(  # the other fields are parsed as the arguments are evaluated: in this order
             user_id=user_id,
-            agent_id=agent_id.strip(),
+            agent_id=agent_id,
             message_data=message_data,
             content=content,
-            priority=str(priority),
-            can_delay=flags["canDelay"],
-            requires_fresh_context=flags["requiresFreshContext"],
-            conversation_id=conversation_id,
-            idempotency_key=key.strip() if isinstance(key, str) else None,
-            expires_at=expires_at,
-            topic_key=topic_key.strip() if isinstance(topic_key, str) else None,
             parts=parts,
+            topic_key=fields.bounded_text("topicKey", body.get("topicKey"), MAX_TOPIC_KEY),
+            priority=fields.priority(),
+            can_delay=fields.flag("canDelay", True),
+            requires_fresh_context=fields.flag("requiresFreshContext", False),
+            conversation_id=fields.uuid("conversationId", required=False),
+            idempotency_key=fields.idempotency_key(idempotency_header),
+            expires_at=fields.expires_at(now),
         )
+        bad.raise_any()
+        return request
 
 
-def _parse_content(data: dict[str, Any], name: str, bad: Callable[[str, str], None], max_length: int) -> str:
-    raw = data.get("content")
-    if "content" not in data:
-        bad(f"{name}.content", "is required")
-    elif not isinstance(raw, str):
-        bad(f"{name}.content", "must be a string")
-    elif not raw.strip():
-        bad(f"{name}.content", "must not be empty")
-    elif len(raw) > max_length:
-        bad(f"{name}.content", f"must be at most {max_length} characters")
-    else:
-        return raw
-    return ""
+class _ScheduleFields:
+    """A schedule request's body, one parser per field or group of fields: each returns the value (a
+    placeholder when it is not valid) and tells `bad` what is wrong, in the order they are called."""
 
+    def __init__(self, body: dict[str, Any], bad: Errors, max_length: int) -> None:
+        self.body, self.bad, self.max_length = body, bad, max_length
 
-def _parse_sequence(value: Any, bad: Callable[[str, str], None], max_length: int) -> tuple[Part, ...]:
-    if not isinstance(value, list):
-        bad("sequence", "must be an array of parts")
-        return ()
-    if not MIN_PARTS <= len(value) <= MAX_PARTS:
-        bad("sequence", f"must have {MIN_PARTS} to {MAX_PARTS} parts, got {len(value)}")
-        return ()
-    parts = []
-    for i, item in enumerate(value):
+    def names(self) -> None:
+        """Unknown fields first, then the known fields holding text that cannot be stored."""
+        self.bad.unknown(self.body, SCHEDULE_FIELDS)
+        for name in sorted(SCHEDULE_FIELDS & set(self.body)):
+            problem = text_problem(self.body[name])
+            if problem:
+                self.bad(name, problem)
+
+    def uuid(self, name: str, *, required: bool) -> uuid.UUID | None:
+        """userId (required) or conversationId (optional: absent or null is none)."""
+        value = self.body.get(name)
+        parsed = parse_uuid(value)
+        if required and name not in self.body:
+            self.bad(name, "is required")
+        elif parsed is None and (required or value is not None):
+            self.bad(name, "must be a UUID")
+        return parsed
+
+    def message(self) -> tuple[dict[str, Any], str, tuple[Part, ...]]:
+        """messageData or a sequence of parts: (message_data to store, its finished text or "", parts)."""
+        data = self.body.get("messageData")
+        if "sequence" in self.body:
+            if "messageData" in self.body:
+                self.bad("sequence", "give either messageData or sequence, not both")
+            parts = self.sequence(self.body["sequence"])
+            return {"sequence": parts_json(parts)}, "\n".join(p.content for p in parts if p.content), parts
+        if "messageData" not in self.body:
+            self.bad("messageData", "is required (or sequence)")
+        elif not isinstance(data, dict):
+            self.bad("messageData", "must be an object")
+        else:
+            return data, self.text(data, "messageData"), ()
+        return {}, "", ()
+
+    def text(self, data: dict[str, Any], name: str) -> str:
+        """messageData's or a part's finished `content`; without one, structured data to render ("")."""
+        if "content" in data:
+            return self.content(data, name)
+        for e in validate_structured(data):
+            self.bad(e["field"].replace("messageData", name, 1), e["reason"])
+        return ""
+
+    def agent_id(self) -> str:
+        agent_id = self.body.get("agentId")
+        if "agentId" not in self.body:
+            self.bad("agentId", "is required")
+        elif not isinstance(agent_id, str) or not agent_id.strip():
+            self.bad("agentId", "must be a non-empty string")
+        elif len(agent_id) > MAX_AGENT_ID:
+            self.bad("agentId", f"must be at most {MAX_AGENT_ID} characters")
+        else:
+            return agent_id.strip()
+        return ""
+
+    def content(self, data: dict[str, Any], name: str) -> str:
+        raw = data.get("content")
+        if "content" not in data:
+            self.bad(f"{name}.content", "is required")
+        elif not isinstance(raw, str):
+            self.bad(f"{name}.content", "must be a string")
+        elif not raw.strip():
+            self.bad(f"{name}.content", "must not be empty")
+        elif len(raw) > self.max_length:
+            self.bad(f"{name}.content", f"must be at most {self.max_length} characters")
+        else:
+            return raw
+        return ""
+
+    def sequence(self, value: Any) -> tuple[Part, ...]:
+        if not isinstance(value, list):
+            self.bad("sequence", "must be an array of parts")
+            return ()
+        if not MIN_PARTS <= len(value) <= MAX_PARTS:
+            self.bad("sequence", f"must have {MIN_PARTS} to {MAX_PARTS} parts, got {len(value)}")
+            return ()
+        parts = [self.part(i, item) for i, item in enumerate(value)]
+        return tuple(p for p in parts if p is not None)
+
+    def part(self, i: int, item: Any) -> Part | None:
         name = f"sequence[{i}]"
         if not isinstance(item, dict):
-            bad(name, "must be an object")
-            continue
-        data: dict[str, Any] | None = None
-        content = ""
-        if "content" in item:
-            for extra in sorted(set(item) - PART_FIELDS):
-                bad(f"{name}.{field_name(extra)}", "unknown field")
-            content = _parse_content(item, name, bad, max_length)
-        else:
-            # Structured, like messageData without content: rendered to text before it is sent.
-            data = {k: v for k, v in item.items() if k != "delaySeconds"}
-            for e in validate_structured(data):
-                bad(e["field"].replace("messageData", name, 1), e["reason"])
+            self.bad(name, "must be an object")
+            return None
+        data = None if "content" in item else {k: v for k, v in item.items() if k != "delaySeconds"}
+        if data is None:
+            self.bad.unknown(item, PART_FIELDS, prefix=f"{name}.")
+        content = self.text(item if data is None else data, name)
         delay = item.get("delaySeconds", DEFAULT_PART_DELAY_SECONDS)
         if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_PART_DELAY_SECONDS:
-            bad(f"{name}.delaySeconds", f"must be an integer from 0 to {MAX_PART_DELAY_SECONDS}")
+            self.bad(f"{name}.delaySeconds", f"must be an integer from 0 to {MAX_PART_DELAY_SECONDS}")
             delay = DEFAULT_PART_DELAY_SECONDS
-        parts.append(Part(position=i + 1, content=content, delay_seconds=delay, data=data))
-    return tuple(parts)
+        return Part(position=i + 1, content=content, delay_seconds=delay, data=data)
 
+    def bounded_text(self, name: str, value: Any, max_length: int) -> str | None:
+        """An optional field: None, or a non-empty string of at most max_length characters (stripped)."""
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip() and len(value) <= max_length:
+            return value.strip()
+        self.bad(name, f"must be a non-empty string of at most {max_length} characters")
+        return None
 
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
-START_WORDS = frozenset({"START", "UNSTOP", "YES"})
-HELP_WORDS = frozenset({"HELP"})
+    def priority(self) -> str:
+        priority = self.body.get("priority", "medium")
+        if priority not in PRIORITIES:
+            self.bad("priority", f"must be one of {', '.join(PRIORITIES)}")
+        return str(priority)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.body.get(name, default)
+        if not isinstance(value, bool):
+            self.bad(name, "must be true or false")
+            return default
+        return value
+
+    def idempotency_key(self, header: str | None) -> str | None:
+        """From the body, else from the Idempotency-Key header; when both are given, they agree."""
+        key = self.body.get("idempotencyKey")
+        if key is None:
+            key = header
+        elif header is not None and header != key:
+            self.bad("idempotencyKey", "differs from the Idempotency-Key header")
+        return self.bounded_text("idempotencyKey", key, MAX_IDEMPOTENCY_KEY)
+
+    def expires_at(self, now: datetime) -> datetime | None:
+        if self.body.get("expiresAt") is None:
+            return None
+        expires_at = parse_instant(self.body["expiresAt"])
+        if expires_at is None:
+            self.bad("expiresAt", "must be an ISO 8601 timestamp with a timezone offset")
+        elif expires_at <= now:
+            self.bad("expiresAt", "must be in the future")
+        return expires_at
 
 
 def keyword(body: str | None) -> str | None:
     """Twilio's opt-out keywords: the whole message, any case, surrounding spaces ignored."""
-    word = (body or "").strip().upper()
-    if word in STOP_WORDS:
-        return "stop"
-    if word in START_WORDS:
-        return "start"
-    if word in HELP_WORDS:
-        return "help"
-    return None
+    return _KEYWORDS.get((body or "").strip().upper())
+
+
+def _message_sid(form: dict[str, str], bad: Errors) -> str:
+    sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
+    if not sid:
+        bad("MessageSid", "is required")
+    return sid
 
 
 @dataclass(frozen=True)
@@ -339,19 +345,16 @@ class InboundSms:
 
     @classmethod
     def parse(cls, form: dict[str, str]) -> InboundSms:
-        errors: list[dict[str, str]] = []
+        bad = Errors()
         sender = (form.get("From") or "").strip()
         if not E164.match(sender):
-            errors.append({"field": "From", "reason": "must be an E.164 phone number"})
-        sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
-        if not sid:
-            errors.append({"field": "MessageSid", "reason": "is required"})
+            bad("From", "must be an E.164 phone number")
+        sid = _message_sid(form, bad)
         raw_media = form.get("NumMedia") or "0"
         num_media = int(raw_media) if raw_media.isdigit() else -1
         if num_media < 0:
-            errors.append({"field": "NumMedia", "reason": "must be a non-negative integer"})
-        if errors:
-            raise ValidationError(errors)
+            bad("NumMedia", "must be a non-negative integer")
+        bad.raise_any()
         return cls(from_number=sender, body=form.get("Body") or "", sid=sid, num_media=num_media)
 
 
@@ -363,44 +366,23 @@ class StatusCallback:
     status: str
     error_code: str | None
 
-    STATUSES = frozenset(
-        {
-            "accepted",
-            "scheduled",
-            "queued",
-            "sending",
-            "sent",
-            "delivered",
-            "undelivered",
-            "failed",
-            "read",
-            "canceled",
-        }
-    )
+    STATUSES = frozenset({"accepted", "scheduled", "queued", "sending", "sent", "delivered", "undelivered",
+                          "failed", "read", "canceled"})  # fmt: skip
 
     @classmethod
     def parse(cls, form: dict[str, str]) -> StatusCallback:
-        errors: list[dict[str, str]] = []
-        sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
-        if not sid:
-            errors.append({"field": "MessageSid", "reason": "is required"})
+        bad = Errors()
+        sid = _message_sid(form, bad)
         status = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
         if status not in cls.STATUSES:
-            errors.append(
-                {"field": "MessageStatus", "reason": f"must be one of {', '.join(sorted(cls.STATUSES))}"}
-            )
-        code = (form.get("ErrorCode") or "").strip() or None
-        if errors:
-            raise ValidationError(errors)
-        return cls(sid=sid, status=status, error_code=code)
-
-
-MAX_CANCEL_REASON = 500
+            bad("MessageStatus", f"must be one of {', '.join(sorted(cls.STATUSES))}")
+        bad.raise_any()
+        return cls(sid=sid, status=status, error_code=(form.get("ErrorCode") or "").strip() or None)
 
 
 @dataclass(frozen=True)
 class CancelRequest:
-    """An agent's request to withdraw a queued message."""
+    """An agent withdrawing a queued message: the id from the path, the optional JSON body."""
 
     message_id: uuid.UUID
     agent_id: str | None = None
@@ -408,25 +390,23 @@ class CancelRequest:
 
     @classmethod
     def parse(cls, message_id: str, body: Any) -> CancelRequest:
-        """The message id from the path and the optional JSON body {"agentId", "reason"}."""
+        """Body {"agentId"?: string, "reason"?: string}, or none; raises ValidationError."""
+        bad = Errors()
         parsed = parse_uuid(message_id)
-        errors = [] if parsed is not None else [{"field": "messageId", "reason": "must be a UUID"}]
+        if parsed is None:
+            bad("messageId", "must be a UUID")
         body = {} if body is None else body
         if not isinstance(body, dict):
             raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
-        for name in sorted(set(body) - {"agentId", "reason"}):
-            errors.append({"field": field_name(name), "reason": "unknown field"})
+        bad.unknown(body, CANCEL_FIELDS)
         agent_id, reason = body.get("agentId"), body.get("reason")
         if agent_id is not None and (not isinstance(agent_id, str) or not agent_id.strip()):
-            errors.append({"field": "agentId", "reason": "must be a non-empty string"})
+            bad("agentId", "must be a non-empty string")
         if reason is not None and (
             not isinstance(reason, str) or len(reason) > MAX_CANCEL_REASON or text_problem(reason)
         ):
-            errors.append(
-                {"field": "reason", "reason": f"must be text of at most {MAX_CANCEL_REASON} characters"}
-            )
-        if errors:
-            raise ValidationError(errors)
+            bad("reason", f"must be text of at most {MAX_CANCEL_REASON} characters")
+        bad.raise_any()
         assert parsed is not None
         return cls(message_id=parsed, agent_id=agent_id, reason=reason)
 
@@ -435,16 +415,15 @@ def parse_task(body: Any) -> tuple[uuid.UUID, int | None]:
     """The deliver task's body: {"messageId": uuid, "generation": int (optional)}."""
     if not isinstance(body, dict):
         raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
-    errors = []
+    bad = Errors()
     message_id = parse_uuid(body.get("messageId"))
     if message_id is None:
-        errors.append({"field": "messageId", "reason": "must be a UUID"})
+        bad("messageId", "must be a UUID")
     generation = body.get("generation")
     if generation is not None and (
         not isinstance(generation, int) or isinstance(generation, bool) or generation < 0
     ):
-        errors.append({"field": "generation", "reason": "must be a non-negative integer"})
-    if errors:
-        raise ValidationError(errors)
+        bad("generation", "must be a non-negative integer")
+    bad.raise_any()
     assert message_id is not None
     return message_id, generation
