@@ -1,7 +1,7 @@
 """Response, store and use-case types, and the validation of a structured messageData.
 
-What agents and Twilio send us is parsed in shared/parsing.py (which imports this module, never
-the reverse).
+What agents and Twilio send us is parsed in shared/parsing.py, which imports this module; this
+module imports it only for type checking (NewMessage holds a ScheduleRequest).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from shared.domain import History, Part, StoredMessage, UserSettings
 
 if TYPE_CHECKING:
-    from shared.parsing import ScheduleRequest as ScheduleRequest
+    from shared.parsing import ScheduleRequest
 
 
 def iso(value: datetime | None) -> str | None:
