@@ -21,7 +21,7 @@ from tests.infra.hcl import ROOT, TF_DIR, Block, Config, entry_points, squash
 
 README = ROOT / "README.md"
 WEB_PY = ROOT / "shared" / "web.py"
-SERVICE_PY = ROOT / "shared" / "service.py"
+SERVICE_DIR = ROOT / "shared" / "service"
 
 # The environment variables that carry credentials: Secret Manager only, never plain.
 SECRET_ENV = {
@@ -479,12 +479,13 @@ def test_functions_read_credentials_from_secret_manager() -> None:
 
 
 def test_log_metrics_match_what_the_code_logs() -> None:
-    service = SERVICE_PY.read_text()
+    service = "\n".join(p.read_text() for p in sorted(SERVICE_DIR.glob("*.py")))
     metrics = config().resources["google_logging_metric"]
     assert {"sent", "failed", "deferred", "reconciled", "sweeps", "overdue"} <= set(metrics)
     for name, action in (("sent", "sent"), ("failed", "failed"), ("deferred", "deferred")):
         assert f'jsonPayload.action=\\"{action}\\"' in metrics[name]["filter"]
-        assert re.search(rf'm\.id, "{action}", ', service), f"deliver no longer logs action {action!r}"
+        logged = rf'answer\(\s*logging\.\w+,\s*(?:"{action}"|{action.upper()}),'
+        assert re.search(logged, service), f"deliver no longer logs action {action!r}"
     for name in ("failed", "deferred"):
         assert metrics[name]["label_extractors"] == {"reason": "EXTRACT(jsonPayload.reason)"}
     # Reconciliation messages: "reconciled: ...; recorded" / "...; queued again".
