@@ -1,10 +1,11 @@
-"""Parsing at the edge: what agents and Twilio send us, validated (ValidationError names every bad field)."""
+"""Parsing at the edge: what agents send us, validated (ValidationError names every bad field).
+
+Twilio's webhook forms are parsed in shared/twilio_forms.py over the same Errors collector."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,12 +28,6 @@ MAX_IDEMPOTENCY_KEY = 255
 CANCEL_FIELDS = frozenset({"agentId", "reason"})
 MAX_CANCEL_REASON = 500
 _NO_ID = uuid.UUID(int=0)  # a placeholder for an id that is not valid (then the request is not)
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
-START_WORDS = frozenset({"START", "UNSTOP", "YES"})
-HELP_WORDS = frozenset({"HELP"})
-_KEYWORDS = {word: kw for kw, words in (("stop", STOP_WORDS), ("start", START_WORDS), ("help", HELP_WORDS))
-             for word in words}  # fmt: skip
 
 
 def parse_uuid(value: Any) -> uuid.UUID | None:
@@ -320,64 +315,6 @@ class _ScheduleFields:
         elif expires_at <= now:
             self.bad("expiresAt", "must be in the future")
         return expires_at
-
-
-def keyword(body: str | None) -> str | None:
-    """Twilio's opt-out keywords: the whole message, any case, surrounding spaces ignored."""
-    return _KEYWORDS.get((body or "").strip().upper())
-
-
-def _message_sid(form: dict[str, str], bad: Errors) -> str:
-    sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
-    if not sid:
-        bad("MessageSid", "is required")
-    return sid
-
-
-@dataclass(frozen=True)
-class InboundSms:
-    """Twilio's inbound-message webhook form, validated."""
-
-    from_number: str
-    body: str
-    sid: str
-    num_media: int
-
-    @classmethod
-    def parse(cls, form: dict[str, str]) -> InboundSms:
-        bad = Errors()
-        sender = (form.get("From") or "").strip()
-        if not E164.match(sender):
-            bad("From", "must be an E.164 phone number")
-        sid = _message_sid(form, bad)
-        raw_media = form.get("NumMedia") or "0"
-        num_media = int(raw_media) if raw_media.isdigit() else -1
-        if num_media < 0:
-            bad("NumMedia", "must be a non-negative integer")
-        bad.raise_any()
-        return cls(from_number=sender, body=form.get("Body") or "", sid=sid, num_media=num_media)
-
-
-@dataclass(frozen=True)
-class StatusCallback:
-    """Twilio's message status callback form, validated."""
-
-    sid: str
-    status: str
-    error_code: str | None
-
-    STATUSES = frozenset({"accepted", "scheduled", "queued", "sending", "sent", "delivered", "undelivered",
-                          "failed", "read", "canceled"})  # fmt: skip
-
-    @classmethod
-    def parse(cls, form: dict[str, str]) -> StatusCallback:
-        bad = Errors()
-        sid = _message_sid(form, bad)
-        status = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
-        if status not in cls.STATUSES:
-            bad("MessageStatus", f"must be one of {', '.join(sorted(cls.STATUSES))}")
-        bad.raise_any()
-        return cls(sid=sid, status=status, error_code=(form.get("ErrorCode") or "").strip() or None)
 
 
 @dataclass(frozen=True)

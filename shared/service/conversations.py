@@ -10,9 +10,9 @@ from typing import Any
 
 from shared.errors import Unavailable
 from shared.log import event
-from shared.parsing import InboundSms, StatusCallback, keyword
 from shared.ports import EventPublisher, Store
 from shared.service.common import Clock, log
+from shared.twilio_forms import InboundSms, StatusCallback, keyword
 
 
 def inbound(form: dict[str, str], *, store: Store, now: datetime) -> dict[str, Any]:
