@@ -33,6 +33,27 @@ locals {
   tasks_invoker = google_service_account.tasks.member
   sweep_invoker = google_service_account.scheduler.member
 
+  # Who the callers of schedule_message are (var.agents). Cloud Run checks the caller's ID token
+  # (roles/run.invoker: every agent member, and the operators); the function then reads the token's
+  # email and acts only as the agent ids AGENT_IDENTITIES gives that email. A member listed under
+  # several types may act as the agent ids of all of them; an operator with an email
+  # (serviceAccount:/user:) may act as any agent ("*"), even when it is also an agent member.
+  agent_members     = distinct(flatten([for a in values(var.agents) : a.members]))
+  schedule_invokers = distinct(concat(local.agent_members, var.operator_members))
+  member_agent_ids = {
+    for pair in flatten([
+      for a in values(var.agents) : [for m in a.members : { member = m, agent_ids = a.agent_ids }]
+    ]) : regex("^(?:serviceAccount|user):(.+)$", pair.member)[0] => pair.agent_ids...
+  }
+  operator_emails = [
+    for m in var.operator_members : lower(regex("^(?:serviceAccount|user):(.+)$", m)[0])
+    if can(regex("^(?:serviceAccount|user):.+$", m))
+  ]
+  agent_identities = merge(
+    { for email, ids in local.member_agent_ids : email => sort(distinct(flatten(ids))) },
+    { for email in local.operator_emails : email => ["*"] },
+  )
+
   # Plain environment, in groups; a function lists the groups it gets. Names are README's
   # configuration table. Credentials are never here: see local.secret_catalog.
   env = {
@@ -64,6 +85,12 @@ locals {
       INBOUND_TOPIC = google_pubsub_topic.inbound.name
     }
     settings = var.settings
+    # schedule_message: who the caller is comes from its verified ID token, never from the body
+    # (README, "Security").
+    identity = {
+      CALLER_IDENTITY  = "id_token"
+      AGENT_IDENTITIES = jsonencode(local.agent_identities)
+    }
   }
 
   # Every secret the system reads. The operator creates each one (and its versions) with gcloud;
@@ -122,9 +149,9 @@ locals {
       timeout_seconds = 30
       max_instances   = var.max_instances.schedule_message
       ingress         = "ALLOW_ALL"
-      env             = ["base", "database", "tasks", "pubsub", "settings"]
+      env             = ["base", "database", "tasks", "pubsub", "settings", "identity"]
       secrets         = ["database_url", "supabase_service_key", "anthropic_api_key"]
-      invokers        = { for m in var.agent_members : m => m }
+      invokers        = { for m in local.schedule_invokers : m => m }
       public          = false
       trigger         = null
     }

@@ -47,12 +47,21 @@ output "service_accounts" {
 }
 
 output "topics" {
-  description = "Pub/Sub topics and the agents' subscriptions."
+  description = "Pub/Sub topics, and each agent type's subscriptions: subscriptions.<type>.events and .inbound."
   value = {
-    sweep         = google_pubsub_topic.sweep.name
-    events        = google_pubsub_topic.events.name
-    inbound       = google_pubsub_topic.inbound.name
-    dead_letter   = google_pubsub_topic.dead_letter.name
-    subscriptions = { for k, s in google_pubsub_subscription.agents : k => s.name }
+    sweep       = google_pubsub_topic.sweep.name
+    events      = google_pubsub_topic.events.name
+    inbound     = google_pubsub_topic.inbound.name
+    dead_letter = google_pubsub_topic.dead_letter.name
+    subscriptions = {
+      for type in keys(var.agents) : type => {
+        for topic in keys(local.agent_topics) : topic => google_pubsub_subscription.agents["${topic}/${type}"].name
+      }
+    }
   }
+}
+
+output "agent_identities" {
+  description = "AGENT_IDENTITIES of schedule_message: each caller's email and the agent ids it may act as (\"*\": any)."
+  value       = local.agent_identities
 }

@@ -4,11 +4,37 @@
 locals {
   pubsub_service_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
 
-  # The topics agents read, each through one subscription with dead-lettering.
+  # The topics agents read: each agent type reads each of them through its own subscription.
   agent_topics = {
     events  = google_pubsub_topic.events
     inbound = google_pubsub_topic.inbound
   }
+
+  # What each agent type receives, as Pub/Sub filters on the messages' attributes (the functions
+  # publish message.* events with agentId, inbound replies with agentType = the user's
+  # poc_agent_type; migrations, mq_emit). An event whose attributes match no type's filter is
+  # acknowledged by Pub/Sub on every subscription, i.e. reaches no agent.
+  agent_filters = {
+    events = {
+      for type, a in var.agents : type => join(" OR ", [for id in a.agent_ids : "attributes.agentId = \"${id}\""])
+    }
+    inbound = { for type, a in var.agents : type => "attributes.agentType = \"${type}\"" }
+  }
+
+  # One subscription per (topic, agent type), keyed "<topic>/<type>".
+  agent_subscriptions = merge([
+    for topic, filters in local.agent_filters : {
+      for type, filter in filters : "${topic}/${type}" => { topic = topic, type = type, filter = filter }
+    }
+  ]...)
+
+  # Who reads which subscription: a type's members, its own subscriptions only (never another
+  # type's events or its users' replies). Keyed "<topic>/<type>/<member>".
+  agent_readers = merge([
+    for key, sub in local.agent_subscriptions : {
+      for m in distinct(var.agents[sub.type].members) : "${key}/${m}" => { subscription = key, member = m }
+    }
+  ]...)
 }
 
 resource "google_pubsub_topic" "sweep" {
@@ -64,16 +90,23 @@ resource "google_pubsub_topic_iam_member" "runtime_publishes" {
   member = google_service_account.runtime.member
 }
 
-# Agents pull; a message nacked or left unacked max_delivery_attempts times goes to the dead-letter
-# topic instead of being redelivered for ever.
+# Each agent type pulls from its own subscription per topic (orchestrator-events-<type>,
+# orchestrator-inbound-<type>), so every agent type gets every event meant for it, whatever the
+# other types do. A message nacked or left unacked max_delivery_attempts times goes to the
+# dead-letter topic instead of being redelivered for ever.
 resource "google_pubsub_subscription" "agents" {
-  for_each = local.agent_topics
+  for_each = local.agent_subscriptions
 
-  name                       = "${each.value.name}-agents"
-  topic                      = each.value.id
+  name                       = "${local.agent_topics[each.value.topic].name}-${each.value.type}"
+  topic                      = local.agent_topics[each.value.topic].id
   ack_deadline_seconds       = 60
   message_retention_duration = "604800s"
   retain_acked_messages      = false
+
+  # Pub/Sub cannot change a subscription's filter: a new filter (an agent id added to or removed
+  # from a type) makes Terraform replace the subscription, and the messages still waiting in the old
+  # one are lost. Let agents drain it first (README, "Events: one subscription per agent type").
+  filter = each.value.filter
 
   expiration_policy {
     ttl = ""
@@ -90,15 +123,11 @@ resource "google_pubsub_subscription" "agents" {
   }
 }
 
+# A type's members read its own subscriptions (local.agent_readers).
 resource "google_pubsub_subscription_iam_member" "agents_read" {
-  for_each = {
-    for pair in setproduct(keys(local.agent_topics), var.agent_members) : "${pair[0]}/${pair[1]}" => {
-      subscription = google_pubsub_subscription.agents[pair[0]].name
-      member       = pair[1]
-    }
-  }
+  for_each = local.agent_readers
 
-  subscription = each.value.subscription
+  subscription = google_pubsub_subscription.agents[each.value.subscription].name
   role         = "roles/pubsub.subscriber"
   member       = each.value.member
 }
@@ -112,7 +141,7 @@ resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
 }
 
 resource "google_pubsub_subscription_iam_member" "dead_letter_source" {
-  for_each = local.agent_topics
+  for_each = local.agent_subscriptions
 
   subscription = google_pubsub_subscription.agents[each.key].name
   role         = "roles/pubsub.subscriber"

@@ -1,4 +1,4 @@
-# Inputs. Only `project`, `agent_members` and one Twilio sender are required; everything else has a
+# Inputs. Only `project`, `agents` and one Twilio sender are required; everything else has a
 # default that suits one Twilio long code. See terraform.tfvars.example.
 
 variable "project" {
@@ -89,20 +89,78 @@ variable "sweep_schedule" {
 
 # --- who may call --------------------------------------------------------------------------------
 
-variable "agent_members" {
-  description = "IAM members allowed to call schedule_message and to read the events and inbound subscriptions, e.g. [\"serviceAccount:concierge@agents-prod.iam.gserviceaccount.com\"]."
-  type        = list(string)
+variable "agents" {
+  description = <<-EOT
+    The agents, by agent type (the users' poc_agent_type: an inbound reply goes to the type of its
+    user). Per type: members, the IAM members (serviceAccount: or user:) that may call
+    schedule_message and read that type's events and inbound subscriptions; agent_ids, the agentId
+    values they may act as (AGENT_IDENTITIES of schedule_message), whose message.* events the type's
+    events subscription receives. E.g.
+    { concierge = { members = ["serviceAccount:concierge@agents-prod.iam.gserviceaccount.com"], agent_ids = ["concierge", "concierge-reminders"] } }.
+  EOT
+  type = map(object({
+    members   = list(string)
+    agent_ids = list(string)
+  }))
 
   validation {
+    condition     = length(var.agents) > 0
+    error_message = "agents must name at least one agent type."
+  }
+
+  # The type is part of resource names (orchestrator-events-<type>) and of a Pub/Sub filter literal.
+  validation {
+    condition     = alltrue([for t in keys(var.agents) : can(regex("^[a-z][a-z0-9_-]{0,39}$", t))])
+    error_message = "agents' keys (agent types) must be 1-40 characters: a lowercase letter, then lowercase letters, digits, _ or -."
+  }
+
+  # Only identities whose Google ID token carries their email: the function maps that email to agent
+  # ids (AGENT_IDENTITIES). Never allUsers, allAuthenticatedUsers, groups, domains or principal sets:
+  # their tokens carry no email to bind to agent ids. Lowercase, as the token's email claim is.
+  validation {
+    condition = alltrue(flatten([
+      for a in values(var.agents) : [for m in a.members : can(regex("^(serviceAccount|user):[^@:\\sA-Z]+@[^@:\\sA-Z]+$", m))]
+    ]))
+    error_message = "agents[*].members must be serviceAccount:EMAIL or user:EMAIL, the email in lowercase as Google issues it in ID tokens; never allUsers, allAuthenticatedUsers, group:, domain: or principal sets (their ID token carries no email to bind to agent ids)."
+  }
+
+  validation {
+    condition     = alltrue([for a in values(var.agents) : length(a.members) > 0])
+    error_message = "every agent type needs at least one member (otherwise nobody may read its subscriptions)."
+  }
+
+  validation {
+    condition     = alltrue([for a in values(var.agents) : length(a.agent_ids) > 0])
+    error_message = "every agent type needs at least one agent id."
+  }
+
+  # Agent ids go into the body's agentId (at most 100 characters) and into a Pub/Sub filter literal;
+  # "*" is reserved (AGENT_IDENTITIES: any agent).
+  validation {
+    condition = alltrue(flatten([
+      for a in values(var.agents) : [for id in a.agent_ids : can(regex("^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$", id))]
+    ]))
+    error_message = "agent ids must be 1-100 characters: a letter or digit, then letters, digits, _ . : or -."
+  }
+
+  validation {
+    condition = length(flatten([for a in values(var.agents) : a.agent_ids])) == length(distinct(flatten([
+      for a in values(var.agents) : a.agent_ids
+    ])))
+    error_message = "an agent id may appear only once, under one agent type (its events go to that type's subscription)."
+  }
+
+  # A Pub/Sub filter is at most 256 bytes (pubsub.tf builds one per type from its agent ids).
+  validation {
     condition = alltrue([
-      for m in var.agent_members : can(regex("^(serviceAccount|group|user|principal|principalSet):", m))
+      for a in values(var.agents) : length(join(" OR ", [for id in a.agent_ids : "attributes.agentId = \"${id}\""])) <= 256
     ])
-    error_message = "agent_members are IAM members (serviceAccount:, group:, user:, principal:, principalSet:); never allUsers or allAuthenticatedUsers."
+    error_message = "too many or too long agent ids under one type: its events filter (attributes.agentId = \"...\" OR ...) must fit Pub/Sub's 256 bytes. Split the type."
   }
 }
 
 variable "operator_members" {
-  description = "IAM members allowed to call process_queue and health and to read the dead-letter subscription."
+  description = "IAM members allowed to call process_queue and health, to read the dead-letter subscription, and to call schedule_message as any agent (a serviceAccount: or user: operator is AGENT_IDENTITIES \"*\"; a group's members are not known by email and act as no agent)."
   type        = list(string)
   default     = []
 

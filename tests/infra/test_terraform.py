@@ -122,11 +122,12 @@ def test_every_tf_file_parses(path: Path) -> None:
 
 def test_inputs_the_issue_asks_for() -> None:
     variables = config().variables
-    for name in ("project", "region", "sender_throughput_per_second", "sweep_schedule", "agent_members"):
+    for name in ("project", "region", "sender_throughput_per_second", "sweep_schedule", "agents"):
         assert name in variables, f"variable {name} is missing"
+    assert "agent_members" not in variables, "agents (by type, with their agent ids) replaced agent_members"
     assert variables["sweep_schedule"]["default"] == "* * * * *"
     assert "default" not in variables["project"], "the project must be given, never defaulted"
-    assert "default" not in variables["agent_members"], "who may schedule must be given"
+    assert "default" not in variables["agents"], "who may schedule must be given"
 
 
 # --- functions ----------------------------------------------------------------------------------
@@ -391,7 +392,10 @@ def test_only_the_tasks_account_invokes_deliver_message() -> None:
 
 def test_who_may_call_each_function() -> None:
     fns = functions()
-    assert "var.agent_members" in squash(fns["schedule_message"]["invokers"])
+    assert ref(fns["schedule_message"]["invokers"]) == "{forminlocal.schedule_invokers:m=>m}"
+    schedule_invokers = squash(config().locals["schedule_invokers"])
+    assert "local.agent_members" in schedule_invokers and "var.operator_members" in schedule_invokers
+    assert "var.agents" in squash(config().locals["agent_members"])
     assert "var.operator_members" in squash(fns["process_queue"]["invokers"])
     assert "var.operator_members" in squash(fns["health"]["invokers"])
     assert "var.deployer_member" in squash(fns["health"]["invokers"])
@@ -422,9 +426,11 @@ def test_allusers_only_on_the_twilio_webhooks() -> None:
         strings = walk({k: block[k] for k in block.raw if k != "dynamic"})
         if any(s in ("allUsers", "allAuthenticatedUsers") for s in strings):
             assert (rtype, name) == ("google_cloud_run_service_iam_member", "public_webhook")
-    for var in ("agent_members", "operator_members"):
-        condition = squash(config().variables[var].block("validation")["condition"])
-        assert "serviceAccount|group|user" in condition, f"{var} must only accept IAM members"
+    condition = squash(config().variables["operator_members"].block("validation")["condition"])
+    assert "serviceAccount|group|user" in condition, "operator_members must only accept IAM members"
+    # Agents: only identities whose ID token carries an email (tests/infra/test_agents.py).
+    conditions = [squash(v["condition"]) for v in config().variables["agents"].blocks("validation")]
+    assert any("^(serviceAccount|user):" in c for c in conditions), "agents' members must be accounts"
 
 
 # --- secrets ------------------------------------------------------------------------------------------
