@@ -79,7 +79,9 @@ class CountingStore(PostgresStore):
 def _body(user: uuid.UUID, i: int) -> dict[str, Any]:
     return {
         "userId": str(user),
-        "agentId": "bench_agent",
+        # Twenty agents: each stays under AGENT_RATE_PER_MINUTE (600) at the benchmark's pace, so
+        # every request pays for the admission check and none is refused by it.
+        "agentId": f"bench_agent_{i % 20}",
         "messageData": {"content": f"bench message {i}"},
         "priority": ("urgent", "high", "medium", "medium", "low")[i % 5],
         "canDelay": i % 10 != 0,

@@ -12,6 +12,7 @@ from datetime import time
 from functools import cached_property
 from typing import Any
 
+from shared import identity
 from shared.domain import AccountCaps, Limits, Policy
 
 _LIMITS = Limits()
@@ -66,6 +67,8 @@ _INTS = (
     ("sweep_time_budget_seconds", "SWEEP_TIME_BUDGET_SECONDS", 1),
     ("sweep_task_concurrency", "SWEEP_TASK_CONCURRENCY", 1),
     ("health_stale_seconds", "HEALTH_STALE_SECONDS", 1),
+    ("user_queue_limit", "USER_QUEUE_LIMIT", 0),
+    ("agent_rate_per_minute", "AGENT_RATE_PER_MINUTE", 0),
 )
 # Optional strings: (field, variable); unset or empty is None.
 _STRS = (
@@ -142,7 +145,12 @@ class Settings:
     sweep_time_budget_seconds: int = int(_POLICY.sweep_time_budget_seconds)
     sweep_task_concurrency: int = _POLICY.sweep_task_concurrency
     health_stale_seconds: int = _POLICY.health_stale_seconds
+    user_queue_limit: int = _POLICY.user_queue_limit
+    agent_rate_per_minute: int = _POLICY.agent_rate_per_minute
     log_level: str = "INFO"
+    # Who may act as which agent (shared/identity.py): CALLER_IDENTITY and AGENT_IDENTITIES
+    caller_identity: str = "none"
+    agent_identities: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +166,10 @@ class Settings:
             daily=_optional_int(e, "ACCOUNT_DAILY_LIMIT"),
         )
         values["limits"] = _limits(e)
+        values["caller_identity"] = (_str(e, "CALLER_IDENTITY") or cls.caller_identity).lower()
+        if values["caller_identity"] not in identity.MODES:
+            raise ValueError(f"CALLER_IDENTITY must be one of {', '.join(identity.MODES)}")
+        values["agent_identities"] = identity.parse_identities(_str(e, "AGENT_IDENTITIES"))
         return cls(**values)
 
     @property
@@ -182,6 +194,8 @@ class Settings:
             render_max_length=self.render_max_length,
             account_caps=self.account_caps,
             sweep_task_concurrency=self.sweep_task_concurrency,
+            user_queue_limit=self.user_queue_limit,
+            agent_rate_per_minute=self.agent_rate_per_minute,
         )
 
 

@@ -254,3 +254,26 @@ class Policy:
     account_caps: AccountCaps = field(default_factory=AccountCaps)
     # Cloud Tasks calls in flight while the sweep re-tasks a batch (each is a network round trip).
     sweep_task_concurrency: int = 16
+    # Admission: messages one user may have queued at once, and messages one agent may store in any
+    # 60 s (0: no limit). Past either, a schedule request is refused with 429 and stores nothing.
+    user_queue_limit: int = 50
+    agent_rate_per_minute: int = 600
+
+    def admission(self, agent_id: str, topic_key: str | None) -> Admission:
+        return Admission(
+            agent_id=agent_id,
+            topic_key=topic_key,
+            user_queue_limit=self.user_queue_limit or None,
+            agent_rate_per_minute=self.agent_rate_per_minute or None,
+        )
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The limits one schedule request is admitted under (None: no limit); the store checks them
+    before planning and again, atomically, when it stores the message."""
+
+    agent_id: str
+    topic_key: str | None = None
+    user_queue_limit: int | None = None
+    agent_rate_per_minute: int | None = None

@@ -46,6 +46,19 @@ class Forbidden(OrchestratorError):
     code = "forbidden"
 
 
+class Unauthenticated(OrchestratorError):
+    """The caller's identity is missing or cannot be read."""
+
+    http_status = 401
+    code = "unauthenticated"
+
+
+class ForbiddenAgent(Forbidden):
+    """The caller may not act as this agent."""
+
+    code = "forbidden_agent"
+
+
 class NotFound(OrchestratorError):
     """No such resource."""
 
@@ -88,6 +101,30 @@ class IdempotencyConflict(Conflict):
     """This idempotency key was already used with a different request body."""
 
     code = "idempotency_key_reused"
+
+
+class TooManyRequests(OrchestratorError):
+    """Too many requests; retry later."""
+
+    http_status = 429
+    code = "too_many_requests"
+    retry_after: int | None = None  # seconds, for the Retry-After header
+
+
+class UserQueueFull(TooManyRequests):
+    """The user has as many messages queued as allowed; wait until some are sent, or cancel some."""
+
+    code = "user_queue_full"
+
+
+class AgentRateLimited(TooManyRequests):
+    """This agent scheduled as many messages as allowed in the last minute; retry after Retry-After."""
+
+    code = "agent_rate_limited"
+
+    def __init__(self, message: str | None = None, *, retry_after: int, **details: Any) -> None:
+        super().__init__(message, retryAfterSeconds=retry_after, **details)
+        self.retry_after = retry_after
 
 
 class NotDeliverable(OrchestratorError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from shared.domain import History, Part, StoredMessage, UserSettings
+from shared.domain import Admission, History, Part, StoredMessage, UserSettings
 
 if TYPE_CHECKING:
     from shared.parsing import ScheduleRequest
@@ -138,6 +138,7 @@ class NewMessage:
     now: datetime
     rendered: str | None = None  # the text rendered at schedule time, for structured messageData
     rendered_parts: tuple[Part, ...] | None = None  # a sequence's parts after schedule-time rendering
+    admission: Admission | None = None  # the limits it is stored under (None: none)
 
     @property
     def parts(self) -> tuple[Part, ...]:

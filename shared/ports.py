@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from shared.domain import AccountCaps, Limits, StoredMessage
+from shared.domain import AccountCaps, Admission, Limits, StoredMessage
 from shared.models import (
     CancelResult,
     Claim,
@@ -39,14 +39,17 @@ class Store(Protocol):
         now: datetime,
         exclude: uuid.UUID | None = None,
         idempotency: tuple[str, str] | None = None,
+        admission: Admission | None = None,
     ) -> UserContext | None:
         """The user's settings, recent sends, queued reservations (but `exclude`) and last inbound;
         None if there is no such user. With idempotency = (agent id, key) and a message stored under
-        it, that message as `replay` instead of the history."""
+        it, that message as `replay` instead of the history. With `admission`, raises
+        UserQueueFull or AgentRateLimited when the request is past its limits (a replay is not)."""
         ...
 
     def enqueue(self, message: NewMessage) -> EnqueueResult:
-        """Insert a queued message (or return the earlier one with the same idempotency key)."""
+        """Insert a queued message (or return the earlier one with the same idempotency key);
+        within message.admission's limits, checked atomically (raises as user_context does)."""
         ...
 
     def get_message(self, message_id: uuid.UUID) -> StoredMessage | None: ...

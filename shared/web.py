@@ -12,10 +12,10 @@ from typing import Any
 
 import flask
 
-from shared import policy, service
+from shared import identity, policy, service
 from shared.bootstrap import Container
 from shared.domain import StoredMessage
-from shared.errors import Forbidden, OrchestratorError, ValidationError
+from shared.errors import Forbidden, OrchestratorError, TooManyRequests, ValidationError
 from shared.log import event, set_trace
 from shared.models import SweepReport, iso
 from shared.parsing import ScheduleRequest, parse_task
@@ -138,6 +138,13 @@ def _json_body(request: flask.Request) -> Any:
         raise ValidationError([{"field": "body", "reason": f"malformed JSON: {exc}"}]) from exc
 
 
+def _retry_after(exc: OrchestratorError) -> dict[str, str] | None:
+    """When a caller may try again: a rate refusal says when; an outage, in a few seconds."""
+    if isinstance(exc, TooManyRequests) and exc.retry_after is not None:
+        return {"Retry-After": str(exc.retry_after)}
+    return {"Retry-After": "5"} if exc.http_status == 503 else None
+
+
 def handle(request: flask.Request, c: Container, name: str, fn: Callable[[], Response]) -> Response:
     """Run `fn`, mapping domain errors to their HTTP status; anything unexpected is a logged 500."""
     set_trace(request.headers.get("X-Cloud-Trace-Context"), c.settings.google_cloud_project)
@@ -155,7 +162,7 @@ def handle(request: flask.Request, c: Container, name: str, fn: Callable[[], Res
             error=exc.message,
             cause=repr(exc.__cause__) if exc.__cause__ else None,
         )
-        headers = {"Retry-After": "5"} if exc.http_status == 503 else None
+        headers = _retry_after(exc)
         return respond(exc.http_status, exc.to_dict(), headers)
     except Exception:
         log.exception(
@@ -168,11 +175,12 @@ def handle(request: flask.Request, c: Container, name: str, fn: Callable[[], Res
 
 def schedule_message(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
+        caller = identity.caller(request.headers.get, c.settings.caller_identity, c.settings.agent_identities)
         if request.method == "GET":
             match = _MESSAGE_PATH.match(request.path)
             if not match:
                 return respond(404, {"success": False, "error": "not_found", "message": "GET /messages/<id>"})
-            message = service.get_message(match.group("id"), store=c.store)
+            message = service.get_message(match.group("id"), store=c.store, caller=caller)
             return respond(200, {"success": True, **message_json(message)})
         if request.method != "POST":
             return method_not_allowed("GET, POST", "use POST, or GET /messages/<id>")
@@ -180,7 +188,9 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
         if cancel:
             # An empty body is allowed: the message id in the path is all a cancel needs.
             cancel_body = _json_body(request) if request.get_data(cache=True) else None
-            cancelled = service.cancel(cancel.group("id"), cancel_body, store=c.store, now=c.clock())
+            cancelled = service.cancel(
+                cancel.group("id"), cancel_body, store=c.store, now=c.clock(), caller=caller
+            )
             assert cancelled.message is not None
             return respond(
                 200,
@@ -194,7 +204,7 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
             idempotency_header=request.headers.get("Idempotency-Key"),
         )
         result = service.schedule_request(
-            parsed, store=c.store, tasks=c.tasks, config=c.policy, now=now, renderer=c.renderer
+            parsed, store=c.store, tasks=c.tasks, config=c.policy, now=now, renderer=c.renderer, caller=caller
         )
         return respond(201 if result.created else 200, schedule_body(result))
 

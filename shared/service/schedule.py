@@ -24,6 +24,7 @@ from shared.errors import (
     Undeliverable,
     ValidationError,
 )
+from shared.identity import ANYONE, Caller
 from shared.log import event
 from shared.models import CancelResult, EnqueueResult, NewMessage, Rendered, UserContext, iso
 from shared.parsing import CancelRequest, ScheduleRequest, parse_uuid
@@ -73,13 +74,18 @@ def schedule_request(
     config: Policy,
     now: datetime,
     renderer: Renderer | None = None,
+    caller: Caller = ANYONE,
 ) -> ScheduleResult:
     """Plan the earliest allowed time, store the row, create its Cloud Task.
 
     Structured messageData (no `content`) is rendered now unless it asked for fresh context (then
-    at delivery, with the conversation as it is then); a failed render here is retried at delivery."""
+    at delivery, with the conversation as it is then); a failed render here is retried at delivery.
+    The caller must be allowed to act as the request's agent (ForbiddenAgent), and the request
+    within its admission limits (UserQueueFull, AgentRateLimited); neither stores anything."""
+    caller.require(request.agent_id)
     key = (request.agent_id, request.idempotency_key) if request.idempotency_key else None
-    ctx = store.user_context(request.user_id, now, idempotency=key)
+    admission = config.admission(request.agent_id, request.topic_key)
+    ctx = store.user_context(request.user_id, now, idempotency=key, admission=admission)
     if ctx is None:
         raise NotFound(f"no user with id {request.user_id}", field="userId")
     if ctx.replay is not None:
@@ -97,6 +103,7 @@ def schedule_request(
             now=now,
             rendered=content.rendered.text if content.rendered else None,
             rendered_parts=content.parts if request.parts else None,
+            admission=admission,
         )
     )
     if not result.created:  # a concurrent request with the same key stored it first
@@ -222,21 +229,36 @@ def _scheduled(tasks: TaskQueue, result: EnqueueResult, decision: Decision, now:
     )
 
 
-def get_message(message_id: str, *, store: Store) -> StoredMessage:
+def get_message(message_id: str, *, store: Store, caller: Caller = ANYONE) -> StoredMessage:
+    """A stored message, for a caller who may act as its agent (ForbiddenAgent otherwise)."""
     parsed = parse_uuid(message_id)
     if parsed is None:
         raise ValidationError([{"field": "messageId", "reason": "must be a UUID"}])
-    message = store.get_message(parsed)
+    return _owned(store, parsed, caller)
+
+
+def _owned(store: Store, message_id: uuid.UUID, caller: Caller) -> StoredMessage:
+    message = store.get_message(message_id)
     if message is None:
-        raise NotFound(f"no message with id {parsed}", field="messageId")
+        raise NotFound(f"no message with id {message_id}", field="messageId")
+    caller.require(message.agent_id, messageId=str(message_id))
     return message
 
 
-def cancel(message_id: str, body: Any, *, store: Store, now: datetime) -> CancelResult:
+def cancel(
+    message_id: str, body: Any, *, store: Store, now: datetime, caller: Caller = ANYONE
+) -> CancelResult:
     """An agent withdraws a queued message: cancelled (again: the same answer); NotCancellable when
-    it is being sent or already final; Forbidden when `agentId` is given and is not its agent."""
+    it is being sent or already final; Forbidden when `agentId` is given and is not its agent, and
+    ForbiddenAgent when the caller may not act as the message's agent (or as `agentId`)."""
     request = CancelRequest.parse(message_id, body)
-    result = store.cancel(request.message_id, agent_id=request.agent_id, reason=request.reason, now=now)
+    agent_id = request.agent_id
+    if agent_id is not None:
+        caller.require(agent_id, messageId=str(request.message_id))
+    if caller.agent_ids is not None:
+        # A message's agent never changes, so cancelling as the agent just read is race-free.
+        agent_id = agent_id or _owned(store, request.message_id, caller).agent_id
+    result = store.cancel(request.message_id, agent_id=agent_id, reason=request.reason, now=now)
     if result.error == "not_owner":
         raise Forbidden("the message belongs to another agent", messageId=str(request.message_id))
     if result.error == "not_queued":

@@ -7,7 +7,7 @@ from datetime import datetime, time
 from typing import Any
 
 from shared.domain import History, Part, Reservation, StoredMessage, UserSettings
-from shared.errors import NotFound, ValidationError
+from shared.errors import AgentRateLimited, NotFound, StoreError, UserQueueFull, ValidationError
 from shared.models import (
     CancelResult,
     Claim,
@@ -116,9 +116,29 @@ def user_settings(row: dict[str, Any]) -> UserSettings:
     )
 
 
+def refused(doc: dict[str, Any] | None) -> None:
+    """Raise the admission refusal mq_admission answered, if it did."""
+    if not doc:
+        return
+    if doc.get("error") == "user_queue_full":
+        raise UserQueueFull(
+            f"the user has {doc['queued']} messages queued, the most allowed is {doc['limit']}",
+            queued=int(doc["queued"]),
+            limit=int(doc["limit"]),
+        )
+    if doc.get("error") == "agent_rate_limited":
+        raise AgentRateLimited(
+            f"this agent may schedule at most {doc['limit']} messages a minute",
+            retry_after=int(doc["retryAfterSeconds"]),
+            limit=int(doc["limit"]),
+        )
+    raise StoreError(f"unknown admission refusal {doc!r}")
+
+
 def user_context(doc: dict[str, Any] | None) -> UserContext | None:
     if not doc:
         return None
+    refused(doc.get("refused"))
     user = doc["user"]
     history = History(
         sends=[_required_instant(s) for s in doc.get("sends") or []],
@@ -159,6 +179,8 @@ def claim(doc: dict[str, Any]) -> Claim:
 
 def enqueue_result(doc: dict[str, Any]) -> EnqueueResult:
     error = doc.get("error")
+    if error == "refused":
+        refused(doc["refused"])
     if error == "unknown_user":
         raise NotFound("no such user", field="userId")
     if error == "unknown_conversation":

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from shared import models
-from shared.domain import AccountCaps, Limits, StoredMessage
+from shared.domain import AccountCaps, Admission, Limits, StoredMessage
 from shared.store import decode
 
 
@@ -39,6 +39,14 @@ class Driver(Protocol):
 def _json(value: Any) -> Json | None:
     """SQL NULL for None: a JSON `null` would be a value the functions do not expect."""
     return None if value is None else Json(value)
+
+
+def _admission_args(admission: Admission | None) -> dict[str, Any]:
+    """mq_user_context's and mq_enqueue's admission parameters (null: no limit)."""
+    return {
+        "user_queue_limit": admission.user_queue_limit if admission else None,
+        "agent_rate_per_minute": admission.agent_rate_per_minute if admission else None,
+    }
 
 
 def _generation(doc: Any) -> int | None:
@@ -68,8 +76,9 @@ class SqlStore:
         now: datetime,
         exclude: uuid.UUID | None = None,
         idempotency: tuple[str, str] | None = None,
+        admission: Admission | None = None,
     ) -> models.UserContext | None:
-        agent_id, key = idempotency or (None, None)
+        agent_id, key = idempotency or (admission.agent_id if admission else None, None)
         doc = self.call(
             "mq_user_context",
             user_id=user_id,
@@ -77,6 +86,8 @@ class SqlStore:
             exclude=exclude,
             agent_id=agent_id,
             idempotency_key=key,
+            topic_key=admission.topic_key if admission else None,
+            **_admission_args(admission),
         )
         return decode.user_context(doc)
 
@@ -100,6 +111,7 @@ class SqlStore:
             now=message.now,
             topic_key=r.topic_key,
             parts=_json(decode.parts_param(message.parts)),
+            **_admission_args(message.admission),
         )
         return decode.enqueue_result(doc)
 

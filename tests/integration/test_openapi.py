@@ -16,7 +16,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -34,6 +34,7 @@ from shared import bootstrap, domain, errors, policy
 from shared.config import Settings
 from shared.dev.sink import SmsSink
 from shared.domain import STATUSES
+from shared.identity import IDENTITY_HEADER
 from shared.models import SweepReport
 from shared.parsing import MAX_AGENT_ID, MAX_IDEMPOTENCY_KEY, MAX_PARTS, SCHEDULE_FIELDS
 from shared.sms import TwilioSender
@@ -307,6 +308,18 @@ class Env:
         return self.client(function).post("/", data=form, headers=headers)
 
     @contextmanager
+    def settings(self, settings: Settings) -> Iterator[None]:
+        """The functions run with other settings (the same adapters) inside the block."""
+        c = bootstrap.Container(
+            settings, store=self.store, tasks=self.tasks, sms=self.sender, clock=self.clock
+        )
+        previous = bootstrap.install(c)
+        try:
+            yield
+        finally:
+            bootstrap.install(previous)
+
+    @contextmanager
     def dead_database(self) -> Iterator[None]:
         dead = PostgresStore(DEAD_DATABASE, timeout=0.5)
         c = bootstrap.Container(
@@ -375,6 +388,47 @@ def _not_deliverable(env: Env) -> TestResponse:
     env.clock.now = datetime(2025, 6, 3, 3, 0, tzinfo=UTC)  # 23:00 in New York: quiet until 08:00
     user = make_user(env.store, "America/New_York")
     return env.schedule(user, priority="medium", expiresAt="2025-06-03T04:00:00Z")
+
+
+# Agents bound to identities (CALLER_IDENTITY=header stands in for the verified ID token).
+IDENTIFIED = replace(
+    SETTINGS, caller_identity="header", agent_identities={"coach@agents.test": frozenset({"coach_agent"})}
+)
+AS_COACH = {IDENTITY_HEADER: "coach@agents.test"}
+
+
+def _as_coach(method: str, path: str, **kwargs: Any) -> Callable[[Env], TestResponse]:
+    """A request by the coach agent's identity; `{id}` in `path` is a concierge message."""
+
+    def run(env: Env) -> TestResponse:
+        message_id = env.scheduled()
+        with env.settings(IDENTIFIED):
+            client = env.client("schedule_message")
+            return client.open(path.format(id=message_id), method=method, headers=AS_COACH, **kwargs)
+
+    return run
+
+
+def _anonymous(method: str, path: str, **kwargs: Any) -> Callable[[Env], TestResponse]:
+    def run(env: Env) -> TestResponse:
+        message_id = env.scheduled()
+        with env.settings(IDENTIFIED):
+            return env.client("schedule_message").open(path.format(id=message_id), method=method, **kwargs)
+
+    return run
+
+
+def _queue_full(env: Env) -> TestResponse:
+    user = make_user(env.store)
+    with env.settings(replace(SETTINGS, user_queue_limit=1)):
+        env.scheduled(user)
+        return env.schedule(user)
+
+
+def _rate_limited(env: Env) -> TestResponse:
+    with env.settings(replace(SETTINGS, agent_rate_per_minute=1)):
+        env.scheduled()
+        return env.schedule()
 
 
 def _post_raw(data: bytes, content_type: str) -> Callable[[Env], TestResponse]:
@@ -525,6 +579,28 @@ SCENARIOS = [
     Scenario("schedule-undeliverable", SCHEDULE, "post", 409, _undeliverable),
     Scenario("schedule-key-reused", SCHEDULE, "post", 409, _key_reused),
     Scenario("schedule-not-deliverable", SCHEDULE, "post", 422, _not_deliverable),
+    Scenario("schedule-anonymous", SCHEDULE, "post", 401, _anonymous("POST", "/", json={})),
+    Scenario(
+        "schedule-forbidden-agent",
+        SCHEDULE,
+        "post",
+        403,
+        _as_coach(
+            "POST",
+            "/",
+            json={
+                "userId": str(uuid.uuid4()),
+                "agentId": "concierge_agent",
+                "messageData": {"content": "hi"},
+            },
+        ),
+    ),
+    Scenario("schedule-user-queue-full", SCHEDULE, "post", 429, _queue_full),
+    Scenario("schedule-agent-rate-limited", SCHEDULE, "post", 429, _rate_limited),
+    Scenario("status-anonymous", STATUS, "get", 401, _anonymous("GET", "/messages/{id}")),
+    Scenario("status-forbidden-agent", STATUS, "get", 403, _as_coach("GET", "/messages/{id}")),
+    Scenario("cancel-anonymous", CANCEL, "post", 401, _anonymous("POST", "/messages/{id}/cancel")),
+    Scenario("cancel-forbidden-agent", CANCEL, "post", 403, _as_coach("POST", "/messages/{id}/cancel")),
     Scenario("schedule-database-down", SCHEDULE, "post", 503, _dead(_schedule_for(lambda env: uuid.uuid4()))),
     Scenario(
         "status-queued",

@@ -826,6 +826,8 @@ def test_enqueue_sends_jsonb_as_json_and_nulls_explicitly(
         "p_now": "2025-06-02T15:00:00+00:00",
         "p_topic_key": None,
         "p_parts": None,
+        "p_user_queue_limit": None,
+        "p_agent_rate_per_minute": None,
     }
 
 
