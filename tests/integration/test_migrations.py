@@ -39,6 +39,7 @@ OTHER_FUNCTIONS = {
 REDEFINED = {
     "mq_user_context": "20261203000007_admission_limits.sql",
     "mq_enqueue": "20261203000007_admission_limits.sql",
+    "mq_emit": "20261203000008_event_agent_attribute.sql",
 }
 
 TABLES = {
