@@ -16,6 +16,7 @@ test; on a shared server (TEST_DATABASE_URL) they are created once, whichever wo
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from shared import service
 from shared.dev.sink import SmsSink
 from shared.errors import StoreError
 from shared.sms import TwilioSender
-from shared.store.migrate import MIGRATIONS_DIR, apply_migrations
+from shared.store.migrate import MIGRATIONS_DIR, apply_migrations, migration_files
 from shared.store.postgres import PostgresStore
 from shared.store.supabase import SupabaseStore
 from tests.support.constants import POLICY, T0
@@ -86,7 +87,7 @@ order by c.relname
 # call of a STRICT function on a NULL constant into NULL without ever checking EXECUTE.
 _FUNCTIONS = """
 select p.oid, p.proname, p.oid::regprocedure::text, p.proconfig,
-       format('select public.%I(%s)', p.proname,
+       format(case p.prokind when 'p' then 'call public.%I(%s)' else 'select public.%I(%s)' end, p.proname,
               (select string_agg(format('(select null::%s)', format_type(t.oid, null)), ', ' order by t.n)
                from unnest(p.proargtypes::oid[]) with ordinality as t(oid, n)))
 from pg_proc p
@@ -112,6 +113,12 @@ class Function:
     signature: str
     config: list[str] | None
     call: str
+
+    @property
+    def denied(self) -> str:
+        """PostgreSQL's refusal to a role without EXECUTE on it."""
+        kind = "procedure" if self.call.startswith("call ") else "function"
+        return f"permission denied for {kind} {self.name}"
 
 
 def relations(conn: psycopg.Connection[Any]) -> tuple[list[Relation], list[Relation]]:
@@ -167,7 +174,7 @@ def supabase_url(pg_cluster: PgCluster, supabase_roles: None) -> Iterator[str]:
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SUPABASE_DEFAULT_PRIVILEGES)
-        assert apply_migrations(url)[-1] == CLOSING_MIGRATION.stem
+        assert CLOSING_MIGRATION.stem in apply_migrations(url)
         yield url
     finally:
         with psycopg.connect(pg_cluster.admin_url, autocommit=True) as admin:
@@ -239,7 +246,7 @@ def test_an_api_role_can_execute_no_function(supabase_db: psycopg.Connection[Any
     found = functions(supabase_db)
     assert any(f.name.startswith("mq_") for f in found)
     refused = {f.signature: as_role(supabase_db, role, f.call) for f in found}
-    assert refused == {f.signature: f"permission denied for function {f.name}" for f in found}
+    assert refused == {f.signature: f.denied for f in found}
     granted = [f.signature for f in found if _can_execute(supabase_db, role, f)]
     assert granted == []
 
@@ -296,8 +303,11 @@ def test_no_function_is_security_definer(supabase_db: psycopg.Connection[Any]) -
     assert definers == []
 
 
+@pytest.mark.parametrize(
+    "closing", [CLOSING_MIGRATION.read_text(), "call close_public_api()"], ids=["migration", "procedure"]
+)
 def test_the_setup_is_supabases_and_the_migration_closes_what_it_finds(
-    supabase_db: psycopg.Connection[Any],
+    supabase_db: psycopg.Connection[Any], closing: str
 ) -> None:
     """What the tests above would meet without the closing migration: here a table and a function
     created after it are open to anon, as every object was on Supabase. The closing migration, run
@@ -311,7 +321,7 @@ def test_the_setup_is_supabases_and_the_migration_closes_what_it_finds(
         assert as_role(supabase_db, "anon", "select * from public.probe") is None
         assert as_role(supabase_db, "anon", "select public.mq_probe()") is None
 
-        supabase_db.execute(CLOSING_MIGRATION.read_text())
+        supabase_db.execute(closing)
 
         assert (
             as_role(supabase_db, "anon", "select * from public.probe") == "permission denied for table probe"
@@ -455,6 +465,20 @@ def test_a_plain_database_leaves_nothing_to_public(supabase_roles: None, databas
         assert [t.name for t in tables if not t.row_security] == []
         assert {f.signature: f.config for f in found if f.config != SEARCH_PATH} == {}
         refused = {f.signature: as_role(conn, STRANGER, f.call) for f in found}
-        assert refused == {f.signature: f"permission denied for function {f.name}" for f in found}
+        assert refused == {f.signature: f.denied for f in found}
         users = as_role(conn, STRANGER, "select * from public.users")
         assert users == "permission denied for table users"
+
+
+CLOSE_CALL = "call close_public_api();"
+
+
+def test_every_migration_after_the_closing_one_closes_what_it_creates() -> None:
+    """A later migration that creates or replaces anything ends by calling the closing procedure
+    (its own objects would otherwise be open to anon on Supabase, or lose their search_path)."""
+    later = [p for p in migration_files(MIGRATIONS_DIR) if p.name > CLOSING_MIGRATION.name]
+    assert later, "the closing procedure's migration at least"
+    for path in later:
+        text = re.sub(r"--[^\n]*", "", path.read_text())
+        if re.search(r"\b(create|alter\s+table|drop)\b", text, re.IGNORECASE):
+            assert text.rstrip().endswith(CLOSE_CALL), f"{path.name} must end with {CLOSE_CALL}"

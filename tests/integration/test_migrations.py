@@ -33,6 +33,7 @@ CALLED_FROM_SQL_ONLY = {
 # Public functions outside the mq_ namespace.
 OTHER_FUNCTIONS = {
     "increment_message_budget": "the seed's budget counter, for the seed's callers (rpc); mq_record_sent too",
+    "close_public_api": "a procedure each migration calls last: closes what it created to the API roles",
 }
 
 # Functions a forward migration redefined: name -> the file with the live definition (the last).
@@ -63,7 +64,8 @@ TABLES_WITHOUT_FUNCTIONS = {
 _IDENTIFIER = re.compile(r"mq_[a-z0-9_]+")
 _CALL_IN_SQL = re.compile(r"\b(mq_[a-z0-9_]+)\s*\(")
 _DEFINITION = re.compile(
-    r"\bcreate\s+(?:or\s+replace\s+)?function\s+(?:public\.)?\"?([a-z_][a-z0-9_]*)\"?\s*\(", re.IGNORECASE
+    r"\bcreate\s+(?:or\s+replace\s+)?(?:function|procedure)\s+(?:public\.)?\"?([a-z_][a-z0-9_]*)\"?\s*\(",
+    re.IGNORECASE,
 )
 
 
