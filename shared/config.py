@@ -149,6 +149,8 @@ class Settings:
     agent_rate_per_minute: int = _POLICY.agent_rate_per_minute
     log_level: str = "INFO"
     # Who may act as which agent (shared/identity.py): CALLER_IDENTITY and AGENT_IDENTITIES
+    compliance_profile: str = _POLICY.compliance_profile
+    urgent_agents: frozenset[str] = _POLICY.urgent_agents
     caller_identity: str = "none"
     agent_identities: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
@@ -170,6 +172,11 @@ class Settings:
         if values["caller_identity"] not in identity.MODES:
             raise ValueError(f"CALLER_IDENTITY must be one of {', '.join(identity.MODES)}")
         values["agent_identities"] = identity.parse_identities(_str(e, "AGENT_IDENTITIES"))
+        values["compliance_profile"] = (_str(e, "COMPLIANCE_PROFILE") or cls.compliance_profile).lower()
+        if values["compliance_profile"] not in ("us", "none"):
+            raise ValueError("COMPLIANCE_PROFILE must be us or none")
+        urgent = _str(e, "URGENT_AGENTS")
+        values["urgent_agents"] = frozenset(a.strip() for a in (urgent or "").split(",") if a.strip())
         return cls(**values)
 
     @property
@@ -196,6 +203,8 @@ class Settings:
             sweep_task_concurrency=self.sweep_task_concurrency,
             user_queue_limit=self.user_queue_limit,
             agent_rate_per_minute=self.agent_rate_per_minute,
+            compliance_profile=self.compliance_profile,
+            urgent_agents=self.urgent_agents,
         )
 
 

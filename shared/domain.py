@@ -62,6 +62,17 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class CallingHours:
+    """A legal floor: messages only in [start, end) local time in every one of `zones` (the reason
+    names the rule when it holds a message back)."""
+
+    start: time
+    end: time
+    reason: str
+    zones: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class UserSettings:
     """A user's own settings; None means the global default."""
 
@@ -81,6 +92,18 @@ class UserSettings:
     preferred_start: time | None = None
     preferred_end: time | None = None
     weekly_limit: int | None = None
+    timezone_source: str = "user"  # user | phone_number | default (see shared.compliance)
+    # Where the user is and the law there (shared.compliance.recipient fills these in): the zones
+    # quiet hours must hold in (empty: `timezone` alone), the calling hours that bound every
+    # message, and at most `topic_limit` messages on one topic per rolling 24 h.
+    zones: tuple[str, ...] = ()
+    calling_hours: tuple[CallingHours, ...] = ()
+    topic_limit: int | None = None
+
+    def located(
+        self, *, zones: tuple[str, ...], calling_hours: tuple[CallingHours, ...], topic_limit: int | None
+    ) -> UserSettings:
+        return replace(self, zones=zones, calling_hours=calling_hours, topic_limit=topic_limit)
 
     def limits(self, defaults: Limits) -> Limits:
         # Cached: every decision merges them, and the overrides take few distinct values (most
@@ -141,6 +164,10 @@ class History:
     sends: Sequence[datetime] = ()  # slot times of messages sent or being sent (claims count)
     reservations: Sequence[Reservation] = ()
     last_inbound_at: datetime | None = None
+    # The message's topic (its topicKey): slot times of the user's messages on it sent in the last
+    # 24 h, and the scheduled times of those queued (for a state's per-topic limit).
+    topic_sends: Sequence[datetime] = ()
+    topic_reservations: Sequence[datetime] = ()
 
 
 @dataclass(frozen=True)
@@ -223,6 +250,7 @@ class StoredMessage:
     message_data: dict[str, Any] = field(default_factory=dict)
     requires_fresh_context: bool = False
     render_attempts: int = 0
+    transactional: bool = False
 
     @property
     def structured(self) -> bool:
@@ -258,6 +286,16 @@ class Policy:
     # 60 s (0: no limit). Past either, a schedule request is refused with 429 and stores nothing.
     user_queue_limit: int = 50
     agent_rate_per_minute: int = 600
+    # The law of the recipient's place (shared.compliance): `us` for US numbers, or `none`.
+    compliance_profile: str = "us"
+    # Agents whose urgent messages may go out in quiet hours, and whose transactional ones outside
+    # the legal calling hours ("*": every agent). Nobody's, unless configured (URGENT_AGENTS).
+    urgent_agents: frozenset[str] = frozenset()
+
+    def privileged(self, agent_id: str) -> bool:
+        """Whether this agent's urgent messages skip quiet hours (and its transactional ones the
+        calling hours)."""
+        return "*" in self.urgent_agents or agent_id in self.urgent_agents
 
     def admission(self, agent_id: str, topic_key: str | None) -> Admission:
         return Admission(

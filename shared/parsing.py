@@ -18,7 +18,7 @@ from shared.models import iso, validate_structured
 
 SCHEDULE_FIELDS = frozenset({"userId", "agentId", "messageData", "priority", "canDelay",
                              "requiresFreshContext", "conversationId", "idempotencyKey", "expiresAt",
-                             "sequence", "topicKey"})  # fmt: skip
+                             "sequence", "topicKey", "transactional"})  # fmt: skip
 PART_FIELDS = frozenset({"content", "delaySeconds"})
 MAX_AGENT_ID = 100
 MAX_TOPIC_KEY = 100
@@ -113,6 +113,7 @@ class ScheduleRequest:
     expires_at: datetime | None = None
     topic_key: str | None = None
     parts: tuple[Part, ...] = ()
+    transactional: bool = False  # the agent says so; only an allowed agent's passes calling hours
 
     @property
     def structured(self) -> bool:
@@ -137,6 +138,8 @@ class ScheduleRequest:
             canonical["topicKey"] = self.topic_key
         if self.parts:
             canonical["sequence"] = parts_json(self.parts)
+        if self.transactional:
+            canonical["transactional"] = True
         raw = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -170,6 +173,7 @@ class ScheduleRequest:
             conversation_id=fields.uuid("conversationId", required=False),
             idempotency_key=fields.idempotency_key(idempotency_header),
             expires_at=fields.expires_at(now),
+            transactional=fields.flag("transactional", False),
         )
         bad.raise_any()
         return request

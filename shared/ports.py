@@ -209,6 +209,13 @@ class Store(Protocol):
         """Record an inbound SMS (deduplicated by sid), with STOP/START; emits inbound_message."""
         ...
 
+    def set_timezone(
+        self, user_id: uuid.UUID, timezone: str, *, source: str, now: datetime, only_if_unknown: bool = False
+    ) -> bool:
+        """Store a user's timezone with its source (`phone_number`, `user`); with `only_if_unknown`,
+        only if it is not known yet. Whether a row changed."""
+        ...
+
     def status_callback(self, sid: str, status: str, error_code: str | None, now: datetime) -> dict[str, Any]:
         """Move an outbound message's status forward (never back); emits delivered/failed events."""
         ...

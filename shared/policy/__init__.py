@@ -47,6 +47,7 @@ as lower bounds, and their fixed point). Import the names from `shared.policy`.
 from __future__ import annotations
 
 from shared.policy.decision import (
+    CALLING_HOURS,
     COOLDOWN,
     DAILY_LIMIT,
     HOURLY_LIMIT,
@@ -61,6 +62,8 @@ from shared.policy.decision import (
     REASONS,
     SEQUENCE_SPAN,
     SEVERITY,
+    STATE_CALLING_HOURS,
+    STATE_TOPIC_LIMIT,
     UNDELIVERABLE,
     WEEKLY_LIMIT,
     Decision,
@@ -79,6 +82,7 @@ from shared.policy.planner import check_now, plan
 from shared.policy.window import WEEKDAYS
 
 __all__ = [
+    "CALLING_HOURS",
     "COOLDOWN",
     "DAILY_LIMIT",
     "DAY",
@@ -95,6 +99,8 @@ __all__ = [
     "REASONS",
     "SEQUENCE_SPAN",
     "SEVERITY",
+    "STATE_CALLING_HOURS",
+    "STATE_TOPIC_LIMIT",
     "UNDELIVERABLE",
     "WEEKDAYS",
     "WEEKLY_LIMIT",

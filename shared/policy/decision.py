@@ -18,6 +18,9 @@ QUIET_HOURS = "quiet_hours"
 PREFERRED_WINDOW = "preferred_window"
 SEQUENCE_SPAN = "sequence_span"
 IN_FLIGHT = "in_flight"
+CALLING_HOURS = "calling_hours"
+STATE_CALLING_HOURS = "state_calling_hours"
+STATE_TOPIC_LIMIT = "state_topic_limit"
 NO_SLOT = "no_slot"
 
 REASONS: dict[str, str] = {
@@ -34,6 +37,9 @@ REASONS: dict[str, str] = {
     PREFERRED_WINDOW: "outside the days and hours the user prefers to be messaged",
     SEQUENCE_SPAN: "the message's parts would run into the user's next local day",
     IN_FLIGHT: "another message to this user is being sent right now",
+    CALLING_HOURS: "outside the legal calling hours of the user's place (US: 8 am to 9 pm local time)",
+    STATE_CALLING_HOURS: "outside the stricter calling hours of the user's state (8 am to 8 pm local time)",
+    STATE_TOPIC_LIMIT: "the user's state allows at most 3 messages on one topic in 24 hours",
     NO_SLOT: "no allowed time within the planning horizon",
 }
 
@@ -50,10 +56,15 @@ SEVERITY: dict[str, int] = {
     COOLDOWN: 2,
     HOURLY_LIMIT: 3,
     QUIET_HOURS: 4,
-    PREFERRED_WINDOW: 5,
-    LOW_PRIORITY_RESERVE: 6,
-    DAILY_LIMIT: 7,
-    WEEKLY_LIMIT: 8,
+    # The law outweighs the user's quiet hours (it is the reason no agent can work around), and a
+    # state's stricter hours the federal ones; the user's own window still outweighs them.
+    CALLING_HOURS: 5,
+    STATE_CALLING_HOURS: 6,
+    PREFERRED_WINDOW: 7,
+    LOW_PRIORITY_RESERVE: 8,
+    STATE_TOPIC_LIMIT: 9,
+    DAILY_LIMIT: 10,
+    WEEKLY_LIMIT: 11,
 }
 
 

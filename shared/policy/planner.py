@@ -9,7 +9,8 @@ delivery (bench/policy.py measures it).
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 from shared.domain import RANK, History, Limits, UserSettings
 from shared.policy.decision import (
@@ -25,6 +26,7 @@ from shared.policy.decision import (
     QUIET_HOURS,
     SEQUENCE_SPAN,
     SEVERITY,
+    STATE_TOPIC_LIMIT,
     UNDELIVERABLE,
     WEEKLY_LIMIT,
     Decision,
@@ -55,6 +57,7 @@ class _Planner:
 
     __slots__ = (
         "active_until",
+        "calling_hours",
         "can_delay",
         "cap",
         "full_cap",
@@ -63,7 +66,10 @@ class _Planner:
         "points",
         "priority",
         "quiet",
+        "quiet_zones",
         "span",
+        "topic_cap",
+        "topic_points",
         "tz",
         "window",
     )
@@ -76,9 +82,15 @@ class _Planner:
         priority: str,
         can_delay: bool,
         span: timedelta,
+        urgent_skips_quiet: bool = True,
     ) -> None:
         self.lim = lim = user.limits(defaults)
-        self.tz = zone(user.timezone)
+        # The user's day (budgets, window) is in their first zone; quiet and calling hours hold in
+        # every zone they may be in (shared.compliance).
+        zones = [zone(z) for z in user.zones] or [zone(user.timezone)]
+        self.tz = zones[0]
+        self.quiet_zones = zones
+        self.calling_hours = [(h, [zone(z) for z in h.zones] or zones) for h in user.calling_hours]
         self.priority = priority
         self.can_delay = can_delay
         self.span = span
@@ -87,9 +99,14 @@ class _Planner:
         self.last_in = last_in = last_in and last_in.astimezone(UTC)
         self.active_until = last_in and last_in + lim.active_window
         self.points = _points(history, priority, can_delay)
+        self.topic_cap = user.topic_limit
+        self.topic_points = sorted(
+            p.astimezone(UTC)
+            for p in (*history.topic_sends, *(history.topic_reservations if can_delay else ()))
+        )
         self.cap = lim.cap(priority, can_delay)
         self.full_cap = lim.daily_limit
-        self.quiet = priority != "urgent" and lim.quiet_hours_enabled
+        self.quiet = not (priority == "urgent" and urgent_skips_quiet) and lim.quiet_hours_enabled
         # The window is "optimal timing": only for the lanes that may wait for it, and only when
         # the message may be delayed at all (canDelay false means the earliest hard-allowed time).
         self.window = (
@@ -120,15 +137,25 @@ class _Planner:
         bound = self._hourly(t)
         if bound is not None:
             return HOURLY_LIMIT, bound
+        if self.topic_cap is not None:
+            bound = _rolling(self.topic_points, t, DAY, self.topic_cap)
+            if bound is not None:
+                return STATE_TOPIC_LIMIT, bound
         return None
 
     def _time_of_day(self, t: datetime, local: datetime, quiet: bool) -> Violation | None:
-        """Quiet hours (if `quiet`: they apply and the user is not active), then the window, at `t`
-        (`local` in the user's zone)."""
+        """The legal calling hours (always), quiet hours (if `quiet`: they apply and the user is not
+        active), then the window, at `t` (`local` in the user's zone)."""
+        for hours, zones in self.calling_hours:
+            for tz in zones:
+                bound = _outside(t, t.astimezone(tz), hours.start, hours.end, tz)
+                if bound is not None:
+                    return hours.reason, bound
         if quiet:
-            bound = self._quiet(t, local)
-            if bound is not None:
-                return QUIET_HOURS, bound
+            for tz in self.quiet_zones:
+                bound = self._quiet(t, local if tz is self.tz else t.astimezone(tz), tz)
+                if bound is not None:
+                    return QUIET_HOURS, bound
         window = self.window
         if window is not None and not window.holds(local):
             return PREFERRED_WINDOW, self._opening(t, local)
@@ -152,21 +179,11 @@ class _Planner:
         last_in, until = self.last_in, self.active_until
         return last_in is not None and until is not None and last_in <= t < until
 
-    def _quiet(self, t: datetime, local: datetime) -> datetime | None:
-        """If `t` (`local` in the user's zone) is in quiet hours (by the wall clock alone), the
-        first instant they could end."""
+    def _quiet(self, t: datetime, local: datetime, tz: ZoneInfo) -> datetime | None:
+        """If `t` (`local` in zone `tz`) is in quiet hours (by the wall clock alone), the first
+        instant they could end."""
         lim = self.lim
-        start, end = lim.quiet_hours_start, lim.quiet_hours_end
-        if not in_quiet_hours(local.time(), start, end):
-            return None
-        d = local.date()
-        if start > end and local.time() >= start:
-            d += DAY
-        bound = local_instant(d, end, self.tz)
-        if bound <= t:
-            return t + SECOND
-        # A fall-back before `end` can set the wall clock back to before `start`: stop there.
-        return offset_change(t, bound, self.tz) or bound
+        return _closed_until(t, local, lim.quiet_hours_start, lim.quiet_hours_end, tz)
 
     def _opening(self, t: datetime, local: datetime) -> datetime:
         """The first instant after `t` (outside the window) at which the window could open.
@@ -224,26 +241,48 @@ class _Planner:
         return cur if moved else None
 
     def _hourly(self, t: datetime) -> datetime | None:
-        n = self.lim.hourly_limit
-        pts = self.points
-        lo = bisect_right(pts, t - HOUR)
-        hi = bisect_left(pts, t + HOUR)
-        if hi - lo < n:
-            return None
-        best: datetime | None = None
-        # A window holding t and points q[i..j] exists iff max(t, q[j]) - min(t, q[i]) < 1 h.
-        for i in range(lo, hi):
-            first = pts[i]
-            j = i + n - 1
-            if j >= hi:
-                break
-            span_lo = min(first, t)
-            span_hi = max(pts[j], t)
-            if span_hi - span_lo < HOUR:
-                bound = first + HOUR
-                if best is None or bound > best:
-                    best = bound
-        return best
+        return _rolling(self.points, t, HOUR, self.lim.hourly_limit)
+
+
+def _rolling(pts: list[datetime], t: datetime, window: timedelta, n: int) -> datetime | None:
+    """If some rolling `window` holding `t` would hold `n` of the sorted `pts` besides it, the
+    earliest instant that could be clear of them."""
+    lo = bisect_right(pts, t - window)
+    hi = bisect_left(pts, t + window)
+    if hi - lo < n:
+        return None
+    best: datetime | None = None
+    # A window holding t and points q[i..j] exists iff max(t, q[j]) - min(t, q[i]) < window.
+    for i in range(lo, hi):
+        first = pts[i]
+        j = i + n - 1
+        if j >= hi:
+            break
+        if max(pts[j], t) - min(first, t) < window:
+            bound = first + window
+            if best is None or bound > best:
+                best = bound
+    return best
+
+
+def _closed_until(t: datetime, local: datetime, start: time, end: time, tz: ZoneInfo) -> datetime | None:
+    """If `local` (`t` in `tz`) is in the closed stretch [start, end) of the wall clock (wrapping
+    midnight when start > end), the first instant it could end."""
+    if not in_quiet_hours(local.time(), start, end):
+        return None
+    d = local.date()
+    if start > end and local.time() >= start:
+        d += DAY
+    bound = local_instant(d, end, tz)
+    if bound <= t:
+        return t + SECOND
+    # A fall-back before `end` can set the wall clock back to before `start`: stop there.
+    return offset_change(t, bound, tz) or bound
+
+
+def _outside(t: datetime, local: datetime, start: time, end: time, tz: ZoneInfo) -> datetime | None:
+    """If `local` is outside the open hours [start, end), the first instant they could open."""
+    return _closed_until(t, local, end, start, tz)
 
 
 def _points(history: History, priority: str, can_delay: bool) -> list[datetime]:
@@ -270,10 +309,13 @@ def plan(
     can_delay: bool = True,
     *,
     span: timedelta = _NO_SPAN,
+    urgent_skips_quiet: bool = True,
 ) -> Decision:
     """The earliest instant at or after `now` when this message may go out, and why not sooner.
 
     `span`: the message is a sequence whose last part goes out `span` after the first.
+    `urgent_skips_quiet`: an urgent message may go out in quiet hours (its agent is allowed to);
+    nothing goes out outside the user's calling hours (UserSettings.calling_hours).
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -285,7 +327,7 @@ def plan(
         return Decision(None, UNDELIVERABLE, now)
     if not user.notifications_enabled and priority != "urgent":
         return Decision(None, NOTIFICATIONS_DISABLED, now)
-    planner = _Planner(user, defaults, history, priority, can_delay, span)
+    planner = _Planner(user, defaults, history, priority, can_delay, span, urgent_skips_quiet)
     t = now.astimezone(UTC)
     reasons: list[str] = []
     limit = now + _HORIZON
@@ -311,6 +353,7 @@ def check_now(
     can_delay: bool = True,
     *,
     span: timedelta = _NO_SPAN,
+    urgent_skips_quiet: bool = True,
 ) -> Decision:
     """The delivery-time check: hard limits against sends already made, at `now`.
 
@@ -319,5 +362,12 @@ def check_now(
     The preferred window and the sequence span are checked here too (the window applies to the
     same lanes as in `plan`).
     """
-    due = History(sends=history.sends, reservations=(), last_inbound_at=history.last_inbound_at)
-    return plan(user, defaults, due, now, priority, can_delay, span=span)
+    due = History(
+        sends=history.sends,
+        reservations=(),
+        last_inbound_at=history.last_inbound_at,
+        topic_sends=history.topic_sends,
+    )
+    return plan(
+        user, defaults, due, now, priority, can_delay, span=span, urgent_skips_quiet=urgent_skips_quiet
+    )

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from shared.domain import StoredMessage
+from shared import compliance
+from shared.domain import Policy, StoredMessage
 from shared.errors import Unavailable
 from shared.log import event
-from shared.models import Outcome, iso
+from shared.models import Outcome, UserContext, iso
 from shared.ports import TaskQueue
 
 log = logging.getLogger("orchestrator")
@@ -81,3 +83,16 @@ def outcome(
         sid=sid,
         extra=extra,
     )
+
+
+def located(user: UserContext, config: Policy, agent_id: str, *, transactional: bool = False) -> UserContext:
+    """The user as the policy must see them for this agent's message: where they are and the law
+    there (shared.compliance); a transactional message of an allowed agent is not bound by the
+    calling hours."""
+    settings = compliance.recipient(
+        user.settings,
+        user.phone_number,
+        config.compliance_profile,
+        transactional=transactional and config.privileged(agent_id),
+    )
+    return replace(user, settings=settings)

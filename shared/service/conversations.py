@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from datetime import datetime
 from typing import Any
 
+from shared import compliance
 from shared.errors import Unavailable
 from shared.log import event
 from shared.ports import EventPublisher, Store
@@ -21,6 +23,12 @@ def inbound(form: dict[str, str], *, store: Store, now: datetime) -> dict[str, A
     sms = InboundSms.parse(form)
     word = keyword(sms.body)
     result = store.inbound(sms.from_number, sms.body, sms.sid, keyword=word, num_media=sms.num_media, now=now)
+    derived = compliance.timezone_for(sms.from_number)
+    if derived and result.get("userId") and not result.get("duplicate"):
+        # A user created by this SMS has no timezone yet: the number's, if it names one zone.
+        store.set_timezone(
+            uuid.UUID(str(result["userId"])), derived, source="phone_number", now=now, only_if_unknown=True
+        )
     event(
         log,
         logging.INFO,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time as _time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +17,7 @@ from shared.parsing import parse_task
 from shared.policy import rules
 from shared.ports import Renderer, SmsSender, Store, TaskQueue
 from shared.service.attempt import DeliveryAttempt
-from shared.service.common import Clock, outcome
+from shared.service.common import Clock, located, outcome
 from shared.service.content import prepare_content
 from shared.service.reconcile import DEFERRED, reconcile
 from shared.service.send import send
@@ -42,6 +43,8 @@ def deliver(
     if ctx is None:
         return outcome(logging.WARNING, message_id, "skipped", "not_found", "unknown")
     m = ctx.message
+    if policy.is_timezone(ctx.user.settings.timezone):  # else _settled fails the message
+        ctx = replace(ctx, user=located(ctx.user, config, m.agent_id, transactional=m.transactional))
     a = DeliveryAttempt(
         store=store,
         tasks=tasks,
@@ -109,7 +112,14 @@ def _recheck(a: DeliveryAttempt) -> Outcome | None:
     """The policy at execution time, against the sends made so far."""
     m, user = a.message, a.ctx.user
     decision = policy.check_now(
-        user.settings, a.config.limits, user.history, a.now, m.priority, m.can_delay, span=remaining_span(m)
+        user.settings,
+        a.config.limits,
+        user.history,
+        a.now,
+        m.priority,
+        m.can_delay,
+        span=remaining_span(m),
+        urgent_skips_quiet=a.config.privileged(m.agent_id),
     )
     if rules.never_sends(decision.reason):
         return a.fail(decision.reason, policy.REASONS[decision.reason])
@@ -132,9 +142,18 @@ def _replan(a: DeliveryAttempt, reason: str, *, refresh: bool) -> Outcome:
     m = a.message
     user = a.ctx.user
     if refresh:
-        user = a.store.user_context(m.user_id, a.now, exclude=m.id) or user
+        fresh = a.store.user_context(m.user_id, a.now, exclude=m.id)
+        if fresh is not None:
+            user = located(fresh, a.config, m.agent_id, transactional=m.transactional)
     decision = policy.check_now(
-        user.settings, a.config.limits, user.history, a.now, m.priority, m.can_delay, span=remaining_span(m)
+        user.settings,
+        a.config.limits,
+        user.history,
+        a.now,
+        m.priority,
+        m.can_delay,
+        span=remaining_span(m),
+        urgent_skips_quiet=a.config.privileged(m.agent_id),
     )
     if rules.never_sends(decision.reason):
         return a.fail(decision.reason, policy.REASONS[decision.reason])

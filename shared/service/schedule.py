@@ -30,7 +30,7 @@ from shared.models import CancelResult, EnqueueResult, NewMessage, Rendered, Use
 from shared.parsing import CancelRequest, ScheduleRequest, parse_uuid
 from shared.policy import Decision, rules
 from shared.ports import Renderer, Store, TaskQueue
-from shared.service.common import log, wake
+from shared.service.common import located, log, wake
 from shared.service.content import error_usage, render_parts
 
 # Plans that mean the message will never go out: the request is refused with the error.
@@ -129,8 +129,16 @@ def _plan(request: ScheduleRequest, ctx: UserContext, config: Policy, now: datet
         reason = f"the user's timezone {ctx.settings.timezone!r} is not a known IANA name"
         raise ValidationError([{"field": "userId", "reason": reason}])
     span = timedelta(seconds=sequence_span(request.parts))
+    user = located(ctx, config, request.agent_id, transactional=request.transactional)
     decision = policy.plan(
-        ctx.settings, config.limits, ctx.history, now, request.priority, request.can_delay, span=span
+        user.settings,
+        config.limits,
+        ctx.history,
+        now,
+        request.priority,
+        request.can_delay,
+        span=span,
+        urgent_skips_quiet=config.privileged(request.agent_id),
     )
     refusal = REFUSED.get(decision.reason)
     if refusal is not None:

@@ -93,6 +93,7 @@ def message(row: dict[str, Any]) -> StoredMessage:
         message_data=dict(data) if isinstance(data, dict) else {},
         requires_fresh_context=bool(row.get("requires_fresh_context")),
         render_attempts=int(row.get("render_attempts") or 0),
+        transactional=bool(row.get("transactional")),
     )
 
 
@@ -113,6 +114,7 @@ def user_settings(row: dict[str, Any]) -> UserSettings:
         preferred_start=_time(row.get("preferred_window_start")),
         preferred_end=_time(row.get("preferred_window_end")),
         weekly_limit=row.get("weekly_limit"),
+        timezone_source=row.get("timezone_source") or "user",
     )
 
 
@@ -147,6 +149,8 @@ def user_context(doc: dict[str, Any] | None) -> UserContext | None:
             for r in doc.get("reservations") or []
         ],
         last_inbound_at=instant(doc.get("last_inbound_at")),
+        topic_sends=[_required_instant(s) for s in doc.get("topic_sends") or []],
+        topic_reservations=[_required_instant(s) for s in doc.get("topic_reservations") or []],
     )
     return UserContext(
         user_id=uuid.UUID(str(user["id"])),

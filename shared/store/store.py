@@ -112,6 +112,7 @@ class SqlStore:
             topic_key=r.topic_key,
             parts=_json(decode.parts_param(message.parts)),
             **_admission_args(message.admission),
+            transactional=r.transactional,
         )
         return decode.enqueue_result(doc)
 
@@ -360,9 +361,23 @@ class SqlStore:
         return int(self.call("mq_events_failed", ids=ids, error=error, now=now) or 0)
 
     # Not part of the use cases' port: demo, tests and operators.
-    def upsert_user(self, phone_number: str, timezone: str, **settings: Any) -> dict[str, Any]:
+    def upsert_user(self, phone_number: str, timezone: str | None, **settings: Any) -> dict[str, Any]:
         """`settings` are mq_upsert_user's optional parameters by name; the omitted keep their default."""
         return dict(self.call("mq_upsert_user", phone_number=phone_number, timezone=timezone, **settings))
+
+    def set_timezone(
+        self, user_id: uuid.UUID, timezone: str, *, source: str, now: datetime, only_if_unknown: bool = False
+    ) -> bool:
+        return bool(
+            self.call(
+                "mq_set_timezone",
+                user_id=user_id,
+                timezone=timezone,
+                source=source,
+                now=now,
+                only_if_unknown=only_if_unknown,
+            )
+        )
 
     def record_inbound(self, user_id: uuid.UUID, body: str, sid: str | None, now: datetime) -> dict[str, Any]:
         return dict(self.call("mq_record_inbound", user_id=user_id, body=body, sid=sid, now=now))

@@ -828,6 +828,7 @@ def test_enqueue_sends_jsonb_as_json_and_nulls_explicitly(
         "p_parts": None,
         "p_user_queue_limit": None,
         "p_agent_rate_per_minute": None,
+        "p_transactional": False,
     }
 
 
@@ -851,6 +852,7 @@ def test_every_method_is_exactly_one_rpc_named_like_the_sql_function(
         ("mq_fail", lambda: s.fail(b, error="e", reason="r", now=T0)),
         ("mq_expire", lambda: s.expire(a, T0)),
         ("mq_record_inbound", lambda: s.record_inbound(user_id, "hi", "SMi", T0)),
+        ("mq_set_timezone", lambda: s.set_timezone(user_id, "America/Chicago", source="user", now=T0)),
         ("mq_take_stale_claims", lambda: s.take_stale_claims(T0, lease_seconds=60, limit=5)),
         ("mq_requeue_claim", lambda: s.requeue_claim(b, token, reason="r", now=T0)),
         ("mq_hold_for_reconcile", lambda: s.hold_for_reconcile(b, token, error="e", reconcile_at=T0, now=T0)),

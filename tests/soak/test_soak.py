@@ -61,7 +61,9 @@ pytestmark = [pytest.mark.soak, pytest.mark.xdist_group("soak")]
 
 START = datetime(2025, 3, 3, tzinfo=UTC)
 TICK = timedelta(minutes=1)  # the sweep's period (Cloud Scheduler)
-POLICY = service.Policy(limits=Limits())
+# Every soak agent may send urgent messages in quiet hours (URGENT_AGENTS=*): the run checks that
+# urgent ones do go out then, and that nothing else does.
+POLICY = service.Policy(limits=Limits(), urgent_agents=frozenset({"*"}))
 
 
 @dataclass(frozen=True)

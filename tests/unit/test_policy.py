@@ -1505,8 +1505,11 @@ def test_every_rule_has_an_explanation_and_the_severity_order_is_the_documented_
         "cooldown",
         "hourly_limit",
         "quiet_hours",
+        "calling_hours",
+        "state_calling_hours",
         "preferred_window",
         "low_priority_reserve",
+        "state_topic_limit",
         "daily_limit",
         "weekly_limit",
     ]
