@@ -89,6 +89,9 @@ _STRS = (
     ("inbound_topic", "INBOUND_TOPIC"),
     ("anthropic_api_key", "ANTHROPIC_API_KEY"),
     ("anthropic_base_url", "ANTHROPIC_BASE_URL"),
+    ("stop_reply", "STOP_REPLY"),
+    ("start_reply", "START_REPLY"),
+    ("help_reply", "HELP_REPLY"),
 )
 # Strings with a default: (field, variable).
 _NAMES = (
@@ -124,6 +127,11 @@ class Settings:
     status_callback_url: str | None = None
     twilio_webhook_base_url: str | None = None
     twilio_signature_bypass_local: bool = False
+    # TwiML replies to the STOP/START/HELP keywords (a phrase opt-out is STOP); unset: none, as when
+    # Twilio's own opt-out handling (Advanced Opt-Out) answers them
+    stop_reply: str | None = None
+    start_reply: str | None = None
+    help_reply: str | None = None
     # Pub/Sub
     events_topic: str | None = None
     inbound_topic: str | None = None
@@ -178,6 +186,11 @@ class Settings:
         urgent = _str(e, "URGENT_AGENTS")
         values["urgent_agents"] = frozenset(a.strip() for a in (urgent or "").split(",") if a.strip())
         return cls(**values)
+
+    def keyword_reply(self, keyword: str | None) -> str | None:
+        """The reply to an inbound keyword (stop, start or help), if one is configured."""
+        replies = {"stop": self.stop_reply, "start": self.start_reply, "help": self.help_reply}
+        return replies.get(keyword or "")
 
     @property
     def tasks_queue_path(self) -> str:

@@ -181,6 +181,10 @@ class PermanentSendError(SendError):
     """The SMS provider refused the message permanently (invalid, unreachable or opted-out number)."""
 
 
+class RecipientOptedOut(PermanentSendError):
+    """The recipient unsubscribed at the SMS provider (Twilio 21610): nothing reaches them until opt-in."""
+
+
 class TransientSendError(SendError):
     """The SMS provider failed for now (rate limit, server error or timeout); retry later."""
 

@@ -266,3 +266,25 @@ class PendingEvent:
     event_type: str
     payload: dict[str, Any]
     attributes: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ConsentEvent:
+    """One row of the consent ledger (consent_events)."""
+
+    id: int
+    event: str  # opt_in | opt_out | help
+    source: str  # keyword | phrase | api | twilio_21610 | operator
+    occurred_at: datetime
+    raw_text: str | None
+    message_sid: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ConsentHistory:
+    """A user's consent: opted out now (since when), and the ledger, newest first."""
+
+    user_id: uuid.UUID
+    opted_out_at: datetime | None
+    events: tuple[ConsentEvent, ...]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
@@ -350,6 +351,38 @@ class CancelRequest:
         bad.raise_any()
         assert parsed is not None
         return cls(message_id=parsed, agent_id=agent_id, reason=reason)
+
+
+CONSENT_LIMIT_DEFAULT = 100
+CONSENT_LIMIT_MAX = 1000
+CONSENT_PARAMETERS = frozenset({"limit"})
+
+
+@dataclass(frozen=True)
+class ConsentQuery:
+    """An operator reading a user's consent history: the user from the path, `?limit=` (1-1000)."""
+
+    user_id: uuid.UUID
+    limit: int = CONSENT_LIMIT_DEFAULT
+
+    @classmethod
+    def parse(cls, user_id: str, query: Mapping[str, str]) -> ConsentQuery:
+        bad = Errors()
+        parsed = parse_uuid(user_id)
+        if parsed is None:
+            bad("userId", "must be a UUID")
+        bad.unknown(dict(query), CONSENT_PARAMETERS)
+        raw = query.get("limit")
+        limit = CONSENT_LIMIT_DEFAULT
+        if raw is not None:
+            text = raw.strip()
+            # ASCII digits only, and few: int() of a 5000-digit string raises.
+            limit = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else 0
+            if not 1 <= limit <= CONSENT_LIMIT_MAX:
+                bad("limit", f"must be an integer from 1 to {CONSENT_LIMIT_MAX}")
+        bad.raise_any()
+        assert parsed is not None
+        return cls(user_id=parsed, limit=limit)
 
 
 def parse_task(body: Any) -> tuple[uuid.UUID, int | None]:

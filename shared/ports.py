@@ -12,6 +12,7 @@ from shared.domain import AccountCaps, Admission, Limits, StoredMessage
 from shared.models import (
     CancelResult,
     Claim,
+    ConsentHistory,
     DeliveryContext,
     EnqueueResult,
     NewMessage,
@@ -204,9 +205,29 @@ class Store(Protocol):
     def health(self, now: datetime) -> QueueHealth: ...
 
     def inbound(
-        self, from_number: str, body: str, sid: str, *, keyword: str | None, num_media: int, now: datetime
+        self,
+        from_number: str,
+        body: str,
+        sid: str,
+        *,
+        keyword: str | None,
+        num_media: int,
+        now: datetime,
+        source: str | None = None,
     ) -> dict[str, Any]:
-        """Record an inbound SMS (deduplicated by sid), with STOP/START; emits inbound_message."""
+        """Record an inbound SMS (deduplicated by sid); a `keyword` (stop/start/help, recognised as
+        `source` keyword or phrase) changes consent and is written to the consent ledger in the
+        same transaction; emits inbound_message."""
+        ...
+
+    def fail_opted_out(self, message_id: uuid.UUID, *, error: str, now: datetime) -> bool:
+        """The provider refused a send because the recipient unsubscribed (Twilio 21610): the
+        message fails and the user is opted out (ledger row, queued messages cancelled), atomically.
+        False when the message was no longer queued or sending (then nothing changed)."""
+        ...
+
+    def consent_history(self, user_id: uuid.UUID, limit: int) -> ConsentHistory | None:
+        """The user's consent ledger, newest first (at most `limit` rows); None for no such user."""
         ...
 
     def set_timezone(

@@ -1,7 +1,8 @@
 """Twilio adapter of the SmsSender port.
 
 Twilio's and requests' exceptions stop here: callers only ever see PermanentSendError (never retry: the
-number is invalid, unreachable or opted out) or TransientSendError (retry later with backoff).
+number is invalid, unreachable or opted out; RecipientOptedOut, a PermanentSendError, when Twilio
+says the recipient unsubscribed) or TransientSendError (retry later with backoff).
 
 A TransientSendError whose `provider_code` is in OUTCOME_UNKNOWN_CODES means the request may have
 reached Twilio and been accepted (a read timeout, a dropped connection, an unreadable success answer):
@@ -21,7 +22,7 @@ from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from shared.errors import PermanentSendError, SendError, TransientSendError
+from shared.errors import PermanentSendError, RecipientOptedOut, SendError, TransientSendError
 from shared.models import SentRecord
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 # number (21614), unsubscribed/STOP (21610), region not enabled (21408), unreachable from our sender
 # (21612), sender cannot reach this destination (21606), body over 1600 characters (21617).
 PERMANENT_CODES = frozenset({21211, 21614, 21610, 21408, 21612, 21606, 21617})
+# 21610 also says why: the recipient unsubscribed (replied STOP to Twilio, or Advanced Opt-Out), so it
+# is raised as RecipientOptedOut and the caller opts the user out here too.
+UNSUBSCRIBED_CODE = 21610
 RATE_LIMITED_CODE = 20429
 # Reconciliation looks at the recipient's newest messages, accepted no earlier than the claim less
 # this much (Twilio's clock against ours).
@@ -212,7 +216,11 @@ def _twilio_answer(exc: TwilioException, status: int) -> SendError:
     # When the body has no code the library puts the HTTP status there instead; that is not a Twilio code.
     twilio_code = code if isinstance(code, int) and code != status else None
     provider_code = str(twilio_code) if twilio_code is not None else None
-    error = PermanentSendError if _is_permanent(twilio_code, status) else TransientSendError
+    error: type[SendError] = TransientSendError
+    if twilio_code == UNSUBSCRIBED_CODE:
+        error = RecipientOptedOut
+    elif _is_permanent(twilio_code, status):
+        error = PermanentSendError
     return error(_twilio_message(exc), code=provider_code, status=status)
 
 

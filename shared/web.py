@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Callable
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 import flask
 
@@ -17,7 +18,7 @@ from shared.bootstrap import Container
 from shared.domain import StoredMessage
 from shared.errors import Forbidden, OrchestratorError, TooManyRequests, ValidationError
 from shared.log import event, set_trace
-from shared.models import SweepReport, iso
+from shared.models import ConsentHistory, SweepReport, iso
 from shared.parsing import ScheduleRequest, parse_task
 
 log = logging.getLogger("orchestrator.http")
@@ -25,6 +26,7 @@ log = logging.getLogger("orchestrator.http")
 MAX_BODY_BYTES = 64 * 1024
 _MESSAGE_PATH = re.compile(r"^/(?:messages/)?(?P<id>[^/]+)/?$")
 _CANCEL_PATH = re.compile(r"^/(?:messages/)?(?P<id>[^/]+)/cancel/?$")
+_CONSENT_PATH = re.compile(r"^/users/(?P<id>[^/]+)/consent/?$")
 
 Response = tuple[str, int, dict[str, str]]
 
@@ -66,6 +68,27 @@ def message_json(m: StoredMessage) -> dict[str, Any]:
             for p in m.parts
         ]
         or None,
+    }
+
+
+def consent_json(history: ConsentHistory) -> dict[str, Any]:
+    """A user's consent history as operators read it (GET /users/<id>/consent)."""
+    return {
+        "userId": str(history.user_id),
+        "optedOut": history.opted_out_at is not None,
+        "optedOutAt": iso(history.opted_out_at),
+        "events": [
+            {
+                "id": e.id,
+                "event": e.event,
+                "source": e.source,
+                "occurredAt": iso(e.occurred_at),
+                "rawText": e.raw_text,
+                "messageSid": e.message_sid,
+                "recordedAt": iso(e.created_at),
+            }
+            for e in history.events
+        ],
     }
 
 
@@ -177,6 +200,11 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         caller = identity.caller(request.headers.get, c.settings.caller_identity, c.settings.agent_identities)
         if request.method == "GET":
+            consent = _CONSENT_PATH.match(request.path)
+            if consent:
+                query = request.args.to_dict(flat=True)
+                history = service.consent_history(consent.group("id"), query, store=c.store, caller=caller)
+                return respond(200, {"success": True, **consent_json(history)})
             match = _MESSAGE_PATH.match(request.path)
             if not match:
                 return respond(404, {"success": False, "error": "not_found", "message": "GET /messages/<id>"})
@@ -283,6 +311,7 @@ def sweep_event(event_id: str | None, c: Container) -> None:
 
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+_TWIML_REPLY = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>{}</Message></Response>'
 _LOOPBACK = ("127.0.0.1", "::1")
 
 
@@ -327,28 +356,33 @@ def _check_twilio_signature(request: flask.Request, c: Container) -> None:
         raise Forbidden("invalid X-Twilio-Signature")
 
 
-def _twiml(status: int = 200) -> Response:
-    return EMPTY_TWIML, status, {"Content-Type": "text/xml"}
+def twiml(reply: str | None = None) -> str:
+    """Empty TwiML (Twilio sends nothing), or one reply message, its text XML-escaped."""
+    return EMPTY_TWIML if reply is None else _TWIML_REPLY.format(xml_escape(reply))
+
+
+def _twiml(reply: str | None = None, status: int = 200) -> Response:
+    return twiml(reply), status, {"Content-Type": "text/xml"}
 
 
 def _twilio_webhook(
-    request: flask.Request, c: Container, name: str, record: Callable[[dict[str, str]], object]
+    request: flask.Request, c: Container, name: str, record: Callable[[dict[str, str]], str | None]
 ) -> Response:
-    """A signed Twilio webhook: POST only, the signature checked, the form recorded, empty TwiML."""
+    """A signed Twilio webhook: POST only, the signature checked, the form recorded; TwiML with the
+    reply `record` returns, if any."""
 
     def run() -> Response:
         if request.method != "POST":
             return method_not_allowed("POST")
         _check_twilio_signature(request, c)
-        record(request.form.to_dict(flat=True))
-        return _twiml()
+        return _twiml(record(request.form.to_dict(flat=True)))
 
     return handle(request, c, name, run)
 
 
 def twilio_inbound(request: flask.Request, c: Container) -> Response:
-    def record(form: dict[str, str]) -> None:
-        service.inbound(form, store=c.store, now=c.clock())
+    def record(form: dict[str, str]) -> str | None:
+        result = service.inbound(form, store=c.store, now=c.clock())
         # Agents hear of the reply at once; if Pub/Sub is down the sweep publishes it later.
         try:
             service.drain_events(store=c.store, publisher=c.events, clock=c.clock, limit=20)
@@ -356,11 +390,14 @@ def twilio_inbound(request: flask.Request, c: Container) -> Response:
             event(
                 log, logging.WARNING, "twilio_inbound: event drain deferred to the sweep", error=exc.message
             )
+        # STOP_REPLY, START_REPLY, HELP_REPLY: unset (the default), Twilio answers the keyword itself.
+        return c.settings.keyword_reply(result.get("keyword"))
 
     return _twilio_webhook(request, c, "twilio_inbound", record)
 
 
 def twilio_status(request: flask.Request, c: Container) -> Response:
-    return _twilio_webhook(
-        request, c, "twilio_status", lambda form: service.status_callback(form, store=c.store, now=c.clock())
-    )
+    def record(form: dict[str, str]) -> None:
+        service.status_callback(form, store=c.store, now=c.clock())
+
+    return _twilio_webhook(request, c, "twilio_status", record)

@@ -234,6 +234,7 @@ variable "settings" {
       "SWEEP_TASK_CONCURRENCY", "WEEKLY_LIMIT", "ACCOUNT_RATE_PER_SECOND", "ACCOUNT_HOURLY_LIMIT", "ACCOUNT_DAILY_LIMIT",
       "ANTHROPIC_MODEL", "ANTHROPIC_TIMEOUT_SECONDS", "RENDER_MAX_LENGTH",
       "USER_QUEUE_LIMIT", "AGENT_RATE_PER_MINUTE", "COMPLIANCE_PROFILE", "URGENT_AGENTS",
+      "STOP_REPLY", "START_REPLY", "HELP_REPLY",
     ], k)])
     error_message = "settings may only hold the tuning variables of README's configuration table; credentials go to Secret Manager, wiring is set here."
   }

@@ -8,11 +8,13 @@ knows about HTTP, psycopg, gRPC or Twilio's client.
 - reconcile: stale claims settled with Twilio's record, one requeue path
 - sweep: the minute sweep, task creation, health
 - conversations: Twilio's webhooks and the event outbox
+- consent: an operator's read of a user's consent ledger
 """
 
 from shared.domain import Policy
 from shared.parsing import parse_task
 from shared.service.common import Clock
+from shared.service.consent import consent_history
 from shared.service.conversations import drain_events, inbound, status_callback
 from shared.service.deliver import deliver
 from shared.service.reconcile import reconcile
@@ -25,6 +27,7 @@ __all__ = [
     "Policy",
     "ScheduleResult",
     "cancel",
+    "consent_history",
     "deliver",
     "drain_events",
     "get_message",

@@ -14,15 +14,27 @@ from shared.errors import Unavailable
 from shared.log import event
 from shared.ports import EventPublisher, Store
 from shared.service.common import Clock, log
-from shared.twilio_forms import InboundSms, StatusCallback, keyword
+from shared.twilio_forms import InboundSms, StatusCallback, reply_keyword
 
 
 def inbound(form: dict[str, str], *, store: Store, now: datetime) -> dict[str, Any]:
-    """An SMS from a user: recorded once per MessageSid; STOP/START change the opt-out (STOP also
-    cancels what is queued for them); the inbound_message event goes to the outbox."""
+    """An SMS from a user: recorded once per MessageSid; an opt-out keyword or revocation phrase
+    opts them out (and cancels what is queued for them), an opt-in keyword back in, each with its
+    consent ledger row; the inbound_message event, raw text included, goes to the outbox. The
+    answer carries `keyword` (stop/start/help or None) even for a repeated webhook, so the same
+    reply can be given again."""
     sms = InboundSms.parse(form)
-    word = keyword(sms.body)
-    result = store.inbound(sms.from_number, sms.body, sms.sid, keyword=word, num_media=sms.num_media, now=now)
+    reply = reply_keyword(sms.body)
+    word = reply.keyword if reply else None
+    result = store.inbound(
+        sms.from_number,
+        sms.body,
+        sms.sid,
+        keyword=word,
+        source=reply.source if reply else None,
+        num_media=sms.num_media,
+        now=now,
+    )
     derived = compliance.timezone_for(sms.from_number)
     if derived and result.get("userId") and not result.get("duplicate"):
         # A user created by this SMS has no timezone yet: the number's, if it names one zone.
@@ -38,10 +50,11 @@ def inbound(form: dict[str, str], *, store: Store, now: datetime) -> dict[str, A
         userId=result.get("userId"),
         twilioMessageSid=sms.sid,
         reason=word,
+        source=reply.source if reply else None,
         cancelled=result.get("cancelled"),
         optedOut=result.get("optedOut"),
     )
-    return result
+    return result | {"keyword": word}
 
 
 def status_callback(form: dict[str, str], *, store: Store, now: datetime) -> dict[str, Any]:

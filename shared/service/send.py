@@ -13,10 +13,10 @@ from datetime import timedelta
 from functools import partial
 
 from shared.domain import FAILED, SENDING, Part
-from shared.errors import PermanentSendError, StoreUnavailable, TransientSendError
+from shared.errors import PermanentSendError, RecipientOptedOut, StoreUnavailable, TransientSendError
 from shared.log import event
 from shared.models import Outcome, iso
-from shared.policy import rules
+from shared.policy import OPTED_OUT, rules
 from shared.service.attempt import DeliveryAttempt
 from shared.service.common import log
 
@@ -115,6 +115,12 @@ def _send_failed(
     """The one error path of single and sequence sends (`part`: the sequence's part that failed)."""
     m = a.message
     at_part = {} if part is None else {"part": part.position}
+    if isinstance(exc, RecipientOptedOut):
+        # The recipient unsubscribed at Twilio: every later send would fail the same way, so the
+        # user is opted out here too (consent ledger, queued messages cancelled) with the failure.
+        error = f"twilio {exc.provider_code}: {exc.message} (the recipient opted out at Twilio)"
+        a.store.fail_opted_out(m.id, error=error, now=a.clock())
+        return a.answer(logging.WARNING, FAILED, OPTED_OUT, FAILED, error=exc.message, **at_part)
     if isinstance(exc, PermanentSendError):
         code = exc.provider_code or "unknown"
         a.store.fail(m.id, error=f"twilio {code}: {exc.message}", reason=f"twilio_{code}", now=a.clock())

@@ -11,6 +11,8 @@ from shared.errors import AgentRateLimited, NotFound, StoreError, UserQueueFull,
 from shared.models import (
     CancelResult,
     Claim,
+    ConsentEvent,
+    ConsentHistory,
     DeliveryContext,
     EnqueueResult,
     PendingEvent,
@@ -288,3 +290,24 @@ def pending_events(doc: Any) -> list[PendingEvent]:
         )
         for d in doc or []
     ]
+
+
+def consent_history(doc: dict[str, Any] | None) -> ConsentHistory | None:
+    if not doc:
+        return None
+    return ConsentHistory(
+        user_id=uuid.UUID(str(doc["user_id"])),
+        opted_out_at=instant(doc.get("opted_out_at")),
+        events=tuple(
+            ConsentEvent(
+                id=int(e["id"]),
+                event=str(e["event"]),
+                source=str(e["source"]),
+                occurred_at=_required_instant(e["occurred_at"]),
+                raw_text=e.get("raw_text"),
+                message_sid=e.get("message_sid"),
+                created_at=_required_instant(e["created_at"]),
+            )
+            for e in doc.get("events") or []
+        ),
+    )

@@ -340,11 +340,25 @@ class SqlStore:
         return decode.health(self.call("mq_health", now=now))
 
     def inbound(
-        self, from_number: str, body: str, sid: str, *, keyword: str | None, num_media: int, now: datetime
+        self,
+        from_number: str,
+        body: str,
+        sid: str,
+        *,
+        keyword: str | None,
+        num_media: int,
+        now: datetime,
+        source: str | None = None,
     ) -> dict[str, Any]:
         # The SQL parameter is p_from: `from` is a Python keyword, hence the dict.
-        args = {"from": from_number, "body": body, "sid": sid, "keyword": keyword, "num_media": num_media}
-        return dict(self.call("mq_inbound", **args, now=now))
+        args = {"from": from_number, "body": body, "sid": sid, "keyword": keyword, "source": source}
+        return dict(self.call("mq_inbound", **args, num_media=num_media, now=now))
+
+    def fail_opted_out(self, message_id: uuid.UUID, *, error: str, now: datetime) -> bool:
+        return bool(self.call("mq_fail_opted_out", message_id=message_id, error=error, now=now))
+
+    def consent_history(self, user_id: uuid.UUID, limit: int) -> models.ConsentHistory | None:
+        return decode.consent_history(self.call("mq_consent_history", user_id=user_id, limit=limit))
 
     def status_callback(self, sid: str, status: str, error_code: str | None, now: datetime) -> dict[str, Any]:
         return dict(self.call("mq_status_callback", sid=sid, status=status, error_code=error_code, now=now))

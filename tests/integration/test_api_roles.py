@@ -370,7 +370,8 @@ def test_as_service_role_a_message_is_scheduled_sent_and_recorded(
 ) -> None:
     """The whole path as the REST store's role: a user, a schedule (admission, plan, enqueue), a
     delivery (claim, Twilio, record sent with the messages row, the budget and the event), an
-    inbound reply, the event outbox (a bigserial: the sequence's privilege) and a sweep run."""
+    inbound reply, a STOP with its consent ledger row, the event outbox (a bigserial: the sequence's
+    privilege) and a sweep run."""
     phone = "+1555" + str(uuid.uuid4().int)[:7]
     user = uuid.UUID(service_store.upsert_user(phone, "UTC")["id"])
     tasks = RecordingTaskQueue()
@@ -399,6 +400,12 @@ def test_as_service_role_a_message_is_scheduled_sent_and_recorded(
     service.inbound(
         {"From": phone, "Body": "thanks", "MessageSid": "SM" + uuid.uuid4().hex}, store=service_store, now=T0
     )
+    # An opt-out and its consent ledger row (an identity column: its sequence's privilege), read back.
+    service.inbound(
+        {"From": phone, "Body": "STOP", "MessageSid": "SM" + uuid.uuid4().hex}, store=service_store, now=T0
+    )
+    consent = service_store.consent_history(user, 10)
+    assert consent is not None and [(e.event, e.source) for e in consent.events] == [("opt_out", "keyword")]
     pending = service_store.events_pending(100, lease_seconds=60, now=T0)
     assert pending, "the sent and inbound events are in the outbox"
     assert service_store.events_published([e.id for e in pending], T0) == len(pending)

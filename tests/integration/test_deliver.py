@@ -238,7 +238,9 @@ def test_opt_out_is_rechecked_at_delivery(
 
 
 @pytest.mark.parametrize(
-    ("phone", "code"), [("+15005550001", "21211"), ("+15005550004", "21610"), ("+15005550009", "21614")]
+    # 21610 (unsubscribed) fails the message too, and opts the user out: tests/integration/test_consent.py
+    ("phone", "code"),
+    [("+15005550001", "21211"), ("+15005550002", "21612"), ("+15005550009", "21614")],
 )
 def test_permanent_twilio_errors_fail_without_retry(
     store: PostgresStore,

@@ -28,6 +28,7 @@ CALLED_FROM_SQL_ONLY = {
     "mq_conversation_of": "the conversation of an outbound message (mq_record_sent, mq_record_part)",
     "mq_account_window_free_at": "the retry_at of a full account-wide window (mq_claim)",
     "mq_admission": "the user's queue limit and the agent's rate (mq_user_context, mq_enqueue)",
+    "mq_record_consent": "a consent change and its ledger row (mq_inbound, mq_fail_opted_out)",
 }
 
 # Public functions outside the mq_ namespace.
@@ -43,6 +44,7 @@ REDEFINED = {
     "mq_enqueue": "20261203000011_compliance.sql",
     "mq_upsert_user": "20261203000011_compliance.sql",
     "mq_emit": "20261203000008_event_agent_attribute.sql",
+    "mq_inbound": "20261203000012_consent.sql",
 }
 
 TABLES = {
@@ -55,6 +57,7 @@ TABLES = {
     "agent_actions_log",
     "sweep_runs",
     "events_outbox",
+    "consent_events",
     "schema_migrations",
 }
 

@@ -358,6 +358,7 @@ HEALTH = "/health"
 INBOUND = "/twilio_inbound"
 TWILIO_STATUS = "/twilio_status"
 CANCEL = "/schedule_message/messages/{messageId}/cancel"
+CONSENT = "/schedule_message/users/{userId}/consent"
 
 
 def _replay(env: Env) -> TestResponse:
@@ -504,6 +505,31 @@ def _stale(env: Env) -> TestResponse:
 def _inbound(**form: str) -> Callable[[Env], TestResponse]:
     base = {"From": "+15557654321", "To": "+15005550006", "Body": "STOP", "MessageSid": "SM" + "a" * 32}
     return lambda env: env.twilio("twilio_inbound", base | form)
+
+
+REPLIES = replace(
+    SETTINGS, stop_reply="Acme: you're unsubscribed & won't hear from us. Reply START to resume."
+)
+
+
+def _inbound_reply(env: Env) -> TestResponse:
+    with env.settings(REPLIES):
+        return _inbound(Body="stop texting me, please")(env)
+
+
+def _consent(user: Callable[[Env], uuid.UUID | str], query: str = "") -> Callable[[Env], TestResponse]:
+    return lambda env: env.client("schedule_message").get(f"/users/{user(env)}/consent{query}")
+
+
+def _opted_out_by_stop(env: Env) -> uuid.UUID:
+    assert _inbound()(env).status_code == 200
+    [(user,)] = sql(env.database_url, "select id from users where phone_number = '+15557654321'")
+    return uuid.UUID(str(user))
+
+
+def _deliver_unsubscribed(env: Env) -> TestResponse:
+    message_id = env.scheduled(make_user(env.store, phone="+15005550004"))  # the sink's 21610 number
+    return env.deliver(message_id)
 
 
 def _receipt(env: Env) -> TestResponse:
@@ -653,6 +679,16 @@ SCENARIOS = [
     Scenario("health-sweep-stale", HEALTH, "get", 503, _stale),
     Scenario("health-database-down", HEALTH, "get", 503, _dead(_health)),
     Scenario("inbound-stop", INBOUND, "post", 200, _inbound()),
+    Scenario("inbound-stop-reply", INBOUND, "post", 200, _inbound_reply),
+    Scenario("consent-history", CONSENT, "get", 200, _consent(_opted_out_by_stop)),
+    Scenario("consent-history-limited", CONSENT, "get", 200, _consent(_opted_out_by_stop, "?limit=1")),
+    Scenario("consent-not-a-uuid", CONSENT, "get", 400, _consent(lambda env: "nope")),
+    Scenario("consent-bad-limit", CONSENT, "get", 400, _consent(_new_user("UTC"), "?limit=0")),
+    Scenario("consent-anonymous", CONSENT, "get", 401, _anonymous("GET", "/users/{id}/consent")),
+    Scenario("consent-forbidden-agent", CONSENT, "get", 403, _as_coach("GET", "/users/{id}/consent")),
+    Scenario("consent-unknown-user", CONSENT, "get", 404, _consent(lambda env: uuid.uuid4())),
+    Scenario("consent-database-down", CONSENT, "get", 503, _dead(_consent(lambda env: uuid.uuid4()))),
+    Scenario("deliver-unsubscribed", DELIVER, "post", 200, _deliver_unsubscribed),
     Scenario("inbound-without-sender", INBOUND, "post", 400, _inbound(From="me")),
     Scenario(
         "inbound-unsigned", INBOUND, "post", 403, _post("twilio_inbound", data={"From": "+15557654321"})
@@ -731,7 +767,12 @@ def test_methods_the_spec_does_not_declare_answer_405_with_an_error_body(env: En
 
 def test_the_function_views_serve_the_spec_paths_without_the_prefix(env: Env) -> None:
     view = function_view(load_spec(), "schedule_message")
-    assert set(view["paths"]) == {"/", "/messages/{messageId}", "/messages/{messageId}/cancel"}
+    assert set(view["paths"]) == {
+        "/",
+        "/messages/{messageId}",
+        "/messages/{messageId}/cancel",
+        "/users/{userId}/consent",
+    }
     message_id = env.scheduled()
     resp = env.client("schedule_message").get("/messages/{messageId}".replace("{messageId}", message_id))
     assert resp.status_code == 200 and resp.get_json()["messageId"] == message_id

@@ -630,6 +630,68 @@ def test_fail(store: AnyStore) -> None:
     assert ctx is not None and ctx.history.sends == []  # the slot no longer counts
 
 
+def test_inbound_keywords_change_consent_and_write_the_ledger(store: AnyStore) -> None:
+    phone = "+15550000061"
+    stop = store.inbound(
+        phone, "Stop texting me!", "SMk1", keyword="stop", source="phrase", num_media=0, now=T0
+    )
+    assert (stop["optedOut"], stop["keyword"], stop["source"], stop["duplicate"]) == (
+        True,
+        "stop",
+        "phrase",
+        False,
+    )
+    user_id = uuid.UUID(stop["userId"])
+    later = T0 + timedelta(minutes=1)
+    start = store.inbound(phone, "START", "SMk2", keyword="start", source=None, num_media=0, now=later)
+    assert (start["optedOut"], start["source"]) == (False, "keyword")  # no source given: a keyword
+    store.inbound(phone, "help", "SMk3", keyword="help", source="keyword", num_media=0, now=later)
+    store.inbound(phone, "thanks", "SMk4", keyword=None, source=None, num_media=0, now=later)
+    again = store.inbound(
+        phone, "Stop texting me!", "SMk1", keyword="stop", source="phrase", num_media=0, now=later
+    )
+    assert again["duplicate"] is True  # a repeated webhook: no second ledger row
+
+    history = store.consent_history(user_id, 10)
+    assert history is not None and (history.user_id, history.opted_out_at) == (user_id, None)
+    assert [(e.event, e.source, e.raw_text, e.message_sid, e.occurred_at) for e in history.events] == [
+        ("help", "keyword", "help", "SMk3", later),
+        ("opt_in", "keyword", "START", "SMk2", later),
+        ("opt_out", "phrase", "Stop texting me!", "SMk1", T0),
+    ]
+    assert all(isinstance(e.id, int) and isinstance(e.created_at, datetime) for e in history.events)
+    newest = store.consent_history(user_id, 1)
+    assert newest is not None and [e.event for e in newest.events] == ["help"]
+    assert store.consent_history(uuid.uuid4(), 10) is None
+
+
+def test_fail_opted_out_fails_the_message_and_opts_the_user_out(store: AnyStore) -> None:
+    user_id = make_user(store)
+    sending = enqueue(store, user_id)
+    queued = enqueue(store, user_id, now=T0 + timedelta(minutes=5))
+    assert claim(store, sending, T0).claimed
+    error = "twilio 21610: Attempt to send to unsubscribed recipient"
+    assert store.fail_opted_out(sending, error=error, now=T0) is True
+    stored = store.get_message(sending)
+    assert stored is not None and (stored.status, stored.reason, stored.last_error) == (
+        "failed",
+        "opted_out",
+        error,
+    )
+    cancelled = store.get_message(queued)
+    assert cancelled is not None and (cancelled.status, cancelled.reason) == ("cancelled", "opted_out")
+    ctx = store.user_context(user_id, T0)
+    assert ctx is not None and ctx.settings.opted_out
+    history = store.consent_history(user_id, 10)
+    assert history is not None and history.opted_out_at == T0
+    assert [(e.event, e.source, e.raw_text, e.message_sid) for e in history.events] == [
+        ("opt_out", "twilio_21610", error, None)
+    ]
+    assert store.fail_opted_out(sending, error=error, now=T0) is False  # final already: nothing more
+    again = store.consent_history(user_id, 10)
+    assert again is not None and len(again.events) == 1
+
+
 def test_expire(store: AnyStore) -> None:
     user_id = make_user(store)
     expiring = enqueue(store, user_id, expiresAt="2025-06-02T16:00:00Z")
@@ -850,6 +912,14 @@ def test_every_method_is_exactly_one_rpc_named_like_the_sql_function(
         ("mq_reschedule", lambda: s.reschedule(a, 0, T0, "r", T0)),
         ("mq_release", lambda: s.release(b, token, error="e", now=T0, max_attempts=5)),
         ("mq_fail", lambda: s.fail(b, error="e", reason="r", now=T0)),
+        ("mq_fail_opted_out", lambda: s.fail_opted_out(b, error="e", now=T0)),
+        (
+            "mq_inbound",
+            lambda: s.inbound(
+                "+15550000088", "STOP", "SMk", keyword="stop", source="keyword", num_media=0, now=T0
+            ),
+        ),
+        ("mq_consent_history", lambda: s.consent_history(user_id, 5)),
         ("mq_expire", lambda: s.expire(a, T0)),
         ("mq_record_inbound", lambda: s.record_inbound(user_id, "hi", "SMi", T0)),
         ("mq_set_timezone", lambda: s.set_timezone(user_id, "America/Chicago", source="user", now=T0)),
