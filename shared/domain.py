@@ -160,6 +160,15 @@ class AccountCaps:
         return {k: v for k, v in pairs if v is not None}
 
 
+@dataclass(frozen=True)
+class Segments:
+    """How an SMS text travels (shared/segments.py counts it): its encoding, GSM-7 or UCS-2, and
+    the number of SMS segments it is sent (and billed) as. For a sequence, the parts' total."""
+
+    encoding: str
+    count: int
+
+
 def needs_render(message_data: Mapping[str, Any]) -> bool:
     """True when messageData carries no finished `content` string, so a Renderer must write the text."""
     return not isinstance(message_data.get("content"), str)
@@ -176,6 +185,7 @@ class Part:
     twilio_message_sid: str | None = None
     sent_at: datetime | None = None
     data: dict[str, Any] | None = None  # a structured part's fields, for the Renderer
+    segments: Segments | None = None  # of `content` as stored; None until it has a text
 
     @property
     def sent(self) -> bool:
@@ -223,6 +233,8 @@ class StoredMessage:
     message_data: dict[str, Any] = field(default_factory=dict)
     requires_fresh_context: bool = False
     render_attempts: int = 0
+    # Of the text to send (a sequence: the parts' total); None while a structured text is unrendered.
+    segments: Segments | None = None
 
     @property
     def structured(self) -> bool:
