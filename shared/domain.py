@@ -150,14 +150,17 @@ class AccountCaps:
     per_second: int | None = None
     hourly: int | None = None
     daily: int | None = None
+    unit: str = "messages"  # or "segments": each cap counts SMS segments (ACCOUNT_CAPS_UNIT)
 
     @property
     def enabled(self) -> bool:
         return any(v is not None for v in (self.per_second, self.hourly, self.daily))
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, int | str]:
         pairs = (("per_second", self.per_second), ("hourly", self.hourly), ("daily", self.daily))
-        return {k: v for k, v in pairs if v is not None}
+        caps: dict[str, int | str] = {k: v for k, v in pairs if v is not None}
+        # Only when it differs from the default, so the claim's argument stays as it was.
+        return caps | ({"unit": self.unit} if self.unit != "messages" else {})
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,10 @@ class Policy:
     # 60 s (0: no limit). Past either, a schedule request is refused with 429 and stores nothing.
     user_queue_limit: int = 50
     agent_rate_per_minute: int = 600
+    # SMS segments (shared/segments.py): the most a literal content may be (0: no limit; past it a
+    # 400 naming the field), and Twilio-style Smart Encoding of look-alikes before counting.
+    max_segments_per_message: int = 10
+    smart_encoding: bool = False
 
     def admission(self, agent_id: str, topic_key: str | None) -> Admission:
         return Admission(

@@ -28,6 +28,7 @@ CALLED_FROM_SQL_ONLY = {
     "mq_conversation_of": "the conversation of an outbound message (mq_record_sent, mq_record_part)",
     "mq_account_window_free_at": "the retry_at of a full account-wide window (mq_claim)",
     "mq_admission": "the user's queue limit and the agent's rate (mq_user_context, mq_enqueue)",
+    "mq_sequence_segments": "a sequence's total segments from its parts (mq_enqueue, mq_record_part_render)",
 }
 
 # Public functions outside the mq_ namespace.
@@ -39,8 +40,12 @@ OTHER_FUNCTIONS = {
 # Functions a forward migration redefined: name -> the file with the live definition (the last).
 REDEFINED = {
     "mq_user_context": "20261203000007_admission_limits.sql",
-    "mq_enqueue": "20261203000007_admission_limits.sql",
+    "mq_enqueue": "20261203000013_segments.sql",
     "mq_emit": "20261203000008_event_agent_attribute.sql",
+    "mq_message_doc": "20261203000013_segments.sql",
+    "mq_insert_parts": "20261203000013_segments.sql",
+    "mq_record_render": "20261203000013_segments.sql",
+    "mq_record_part_render": "20261203000013_segments.sql",
 }
 
 TABLES = {
