@@ -4,6 +4,8 @@ give, the characters of the GSM 03.38 extension table, surrogate pairs, smart en
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -11,6 +13,8 @@ from hypothesis import strategies as st
 
 from shared import segments
 from shared.domain import Segments
+from shared.errors import ValidationError
+from shared.parsing import ScheduleRequest
 from shared.segments import GSM7, UCS2
 
 EMOJI = "\U0001f600"  # 😀, outside the BMP: a surrogate pair, 2 UTF-16 code units
@@ -125,3 +129,59 @@ def test_counts_are_within_one_segment_per_character_boundary(text: str) -> None
     else:
         size = segments.PER_SEGMENT[result.encoding]
         assert math.ceil(units / size) <= result.count <= math.ceil(units / (size - 1))
+
+
+# --- at the edge: ScheduleRequest.parse ------------------------------------------------------------
+
+NOW = datetime(2025, 6, 2, 15, 0, tzinfo=UTC)
+USER = "9b2f0c1e-4a57-4a8e-9d51-2f3c1f7d8a10"
+CURLY = "\u201cDon\u2019t\u201d \u2014 ok\u2026"
+
+
+def parse(body: dict[str, Any], **options: Any) -> ScheduleRequest:
+    return ScheduleRequest.parse({"userId": USER, "agentId": "a", **body}, now=NOW, **options)
+
+
+def errors(body: dict[str, Any], **options: Any) -> list[dict[str, str]]:
+    with pytest.raises(ValidationError) as caught:
+        parse(body, **options)
+    return list(caught.value.details["errors"])
+
+
+def test_every_field_over_the_segment_limit_is_named_with_the_others() -> None:
+    found = errors(
+        {
+            "sequence": [{"content": "ok"}, {"content": "a" * 1531}, {"content": "Ж" * 700}],
+            "priority": "asap",
+        }
+    )
+    assert [e["field"] for e in found] == ["sequence[1].content", "sequence[2].content", "priority"]
+    assert "11 segments of GSM-7" in found[0]["reason"]
+    assert "11 segments of UCS-2" in found[1]["reason"] and '"Ж"' in found[1]["reason"]
+
+
+def test_the_segment_limit_is_the_parsers_option() -> None:
+    assert parse({"messageData": {"content": "a" * 1531}}, max_segments=11).content == "a" * 1531
+    assert parse({"messageData": {"content": "a" * 9000}}, max_segments=0, max_content_length=9000)
+    [error] = errors({"messageData": {"content": "a" * 161}}, max_segments=1)
+    assert error["field"] == "messageData.content" and "2 segments" in error["reason"]
+
+
+def test_smart_encoding_changes_the_text_to_send_not_the_request() -> None:
+    single = {"messageData": {"content": CURLY}}
+    sequence = {"sequence": [{"content": CURLY}, {"type": "intro"}]}
+    for body in (single, sequence):
+        plain, smart = parse(body), parse(body, smart_encoding=True)
+        assert plain.request_hash == smart.request_hash  # a retry is a retry whatever the setting
+        assert plain.message_data == smart.message_data
+        assert CURLY in str(smart.message_data)  # stored as the agent sent it
+    assert parse(single, smart_encoding=True).content == '"Don\'t" - ok...'
+    parts = parse(sequence, smart_encoding=True).parts
+    assert [p.content for p in parts] == ['"Don\'t" - ok...', ""] and parts[1].data == {"type": "intro"}
+
+
+def test_smart_encoding_counts_the_replaced_text() -> None:
+    # 80 curly quotes: 80 UCS-2 units (2 segments) as written, 80 GSM-7 septets (1) replaced.
+    body = {"messageData": {"content": "\u201c" * 80}}
+    assert errors(body, max_segments=1)[0]["field"] == "messageData.content"
+    assert parse(body, max_segments=1, smart_encoding=True).content == '"' * 80
