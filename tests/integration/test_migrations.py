@@ -27,6 +27,7 @@ CALLED_FROM_SQL_ONLY = {
     "mq_insert_parts": "a sequence's parts, inserted by mq_enqueue",
     "mq_conversation_of": "the conversation of an outbound message (mq_record_sent, mq_record_part)",
     "mq_account_window_free_at": "the retry_at of a full account-wide window (mq_claim)",
+    "mq_account_used": "the account's messages or segments in a rolling window (mq_claim)",
     "mq_admission": "the user's queue limit and the agent's rate (mq_user_context, mq_enqueue)",
     "mq_sequence_segments": "a sequence's total segments from its parts (mq_enqueue, mq_record_part_render)",
 }
@@ -46,6 +47,8 @@ REDEFINED = {
     "mq_insert_parts": "20261203000013_segments.sql",
     "mq_record_render": "20261203000013_segments.sql",
     "mq_record_part_render": "20261203000013_segments.sql",
+    "mq_claim": "20261203000013_segments.sql",
+    "mq_account_window_free_at": "20261203000013_segments.sql",
 }
 
 TABLES = {

@@ -18,6 +18,9 @@ from functions_framework import create_app
 from shared import bootstrap
 from shared.config import Settings
 from shared.dev.sink import SmsSink
+from shared.domain import AccountCaps, Limits
+from shared.models import Claim, NewMessage
+from shared.parsing import ScheduleRequest
 from shared.render import ClaudeRenderer
 from shared.store.postgres import PostgresStore
 from shared.store.store import Json
@@ -354,3 +357,98 @@ def _counts(db: psycopg.Connection[Any], message_id: str) -> tuple[Any, ...]:
     found = db.execute("select encoding, segments from message_queue where id = %s", (message_id,)).fetchone()
     assert found is not None
     return tuple(found)
+
+
+# --- account caps in segments (ACCOUNT_CAPS_UNIT=segments) -----------------------------------------
+
+
+def _queued(store: PostgresStore, content: str, at: Any) -> uuid.UUID:
+    user = make_user(store)
+    req = ScheduleRequest.parse(
+        {"userId": str(user), "agentId": "a", "messageData": {"content": content}}, now=at, max_segments=0
+    )
+    return store.enqueue(NewMessage(request=req, scheduled_for=at, reason="ok", now=at)).message.id
+
+
+def _claim(store: PostgresStore, message_id: uuid.UUID, now: Any, caps: AccountCaps) -> Claim:
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return store.claim(
+        message_id,
+        0,
+        now,
+        limits=Limits(),
+        daily_cap=10,
+        day_start=day,
+        day_end=day + timedelta(days=1),
+        lease_seconds=120,
+        account=caps,
+    )
+
+
+@pytest.mark.parametrize("unit", ["messages", "segments"])
+def test_the_account_rate_counts_segments_when_asked(store: PostgresStore, unit: str) -> None:
+    """10 a second: a 6-segment message, then a 5-segment one does not fit the second (in
+    segments), a 1-segment one does; in messages all three fit."""
+    caps = AccountCaps(per_second=10, unit=unit)
+    six = _queued(store, "a" * 900, T0 - timedelta(seconds=3))
+    five = _queued(store, "b" * 700, T0 - timedelta(seconds=2))
+    one = _queued(store, "c", T0 - timedelta(seconds=1))
+    assert _claim(store, six, T0, caps).claimed
+    second = _claim(store, five, T0, caps)
+    assert _claim(store, one, T0, caps).claimed
+    if unit == "messages":
+        assert second.claimed
+    else:
+        assert (second.claimed, second.reason) == (False, "account_throughput")
+        assert second.retry_at == T0 + timedelta(seconds=1)  # when the 6 segments leave the window
+        assert _claim(store, five, T0 + timedelta(seconds=1), caps).claimed
+
+
+def test_a_message_larger_than_a_cap_goes_when_the_window_is_empty(store: PostgresStore) -> None:
+    caps = AccountCaps(per_second=3, daily=8, unit="segments")
+    first = _queued(store, "x", T0 - timedelta(seconds=2))
+    big = _queued(store, "a" * 900, T0 - timedelta(seconds=1))  # 6 segments, more than 3 a second
+    assert _claim(store, first, T0, caps).claimed
+    refused = _claim(store, big, T0, caps)
+    assert (refused.claimed, refused.reason, refused.retry_at) == (
+        False,
+        "account_throughput",
+        T0 + timedelta(seconds=1),
+    )
+    assert _claim(store, big, T0 + timedelta(seconds=1), caps).claimed  # alone in its second
+    # The day holds 7 of 8 segments: a 2-segment message waits a day for the first to leave.
+    two = _queued(store, "a" * 200, T0 + timedelta(seconds=2))
+    daily = _claim(store, two, T0 + timedelta(seconds=5), caps)
+    assert (daily.claimed, daily.reason) == (False, "account_daily_limit")
+    assert daily.retry_at == T0 + timedelta(days=1)
+
+
+@pytest.mark.parametrize(("unit", "sent"), [("messages", 3), ("segments", 2)])
+def test_deliveries_under_an_account_rate_in_segments(
+    store: PostgresStore,
+    tasks: Any,
+    twilio_sender: Any,
+    sms_sink: SmsSink,
+    unit: str,
+    sent: int,
+) -> None:
+    env = {"ACCOUNT_RATE_PER_SECOND": "10", "ACCOUNT_CAPS_UNIT": unit}
+    c = bootstrap.Container(
+        Settings.from_env(env), store=store, tasks=tasks, sms=twilio_sender, clock=VirtualClock(T0)
+    )
+    previous = bootstrap.install(c)
+    try:
+        client = create_app("schedule_message", MAIN).test_client()
+        deliver = create_app("deliver_message", MAIN).test_client()
+        ids = [
+            post(client, body(make_user(store), messageData={"content": text}))["messageId"]
+            for text in ("a" * 900, "b" * 700, "c")
+        ]
+        actions = [
+            deliver.post("/", json={"messageId": i, "generation": 0}).get_json()["action"] for i in ids
+        ]
+    finally:
+        bootstrap.install(previous)
+    assert actions.count("sent") == sent == len(sms_sink.messages())
+    if unit == "segments":
+        assert actions == ["sent", "deferred", "sent"]

@@ -3,7 +3,9 @@
 -- application counts them (shared/segments.py, with the gsm0338 codec: the database has no GSM
 -- 03.38 codec) and passes them with the text wherever a text is stored: mq_enqueue,
 -- mq_record_render, mq_record_part_render. A sequence's own columns hold its parts' total
--- (mq_sequence_segments), so the account caps can count segments from one row.
+-- (mq_sequence_segments), so the account caps can count segments from one row: mq_claim counts
+-- ACCOUNT_RATE_PER_SECOND, ACCOUNT_HOURLY_LIMIT and ACCOUNT_DAILY_LIMIT in segments when asked
+-- (p_account.unit, ACCOUNT_CAPS_UNIT=segments), in messages as before otherwise.
 --
 -- Null means "not counted": a structured text not rendered yet, or a text stored by the previous
 -- release (its calls leave out the new parameters, which default to null, and a render it records
@@ -236,5 +238,247 @@ begin
     return to_jsonb(true);
 end;
 $$;
+
+
+-- What the account sent (or is sending) in the rolling window ending at p_now: messages, or their
+-- segments (an uncounted one as 1).
+create or replace function mq_account_used(p_now timestamptz, p_window interval, p_by_segments boolean)
+returns integer
+language sql stable as $$
+    select case when p_by_segments then coalesce(sum(coalesce(segments, 1)), 0)::integer
+                else count(*)::integer end
+    from message_queue
+    where status in ('sending', 'sent') and slot_at > p_now - p_window and slot_at <= p_now;
+$$;
+
+drop function if exists mq_account_window_free_at(timestamptz, interval, integer);
+
+-- The earliest instant after which a rolling window of p_window ending then leaves room for
+-- p_need under p_cap (the caller found it full at p_now; see 20261203000003): in messages as
+-- before (p_need 1), or in segments, where sends leave the window oldest first until what stays
+-- is at most p_cap - p_need (nothing, for a message larger than the cap).
+create or replace function mq_account_window_free_at(
+    p_now timestamptz, p_window interval, p_cap integer, p_need integer default 1,
+    p_by_segments boolean default false)
+returns timestamptz
+language plpgsql stable as $$
+begin
+    if not p_by_segments then
+        return (
+            select coalesce(max(s.slot_at), p_now) + p_window
+            from (select slot_at from message_queue
+                  where status in ('sending', 'sent') and slot_at > p_now - p_window and slot_at <= p_now
+                  order by slot_at
+                  limit greatest(
+                      (select count(*) from message_queue
+                       where status in ('sending', 'sent') and slot_at > p_now - p_window and slot_at <= p_now)
+                      - p_cap + 1, 1)) s);
+    end if;
+    return (
+        select coalesce(min(w.slot_at) filter (where w.left_after <= greatest(p_cap - p_need, 0)), p_now)
+               + p_window
+        from (select s.slot_at,
+                     sum(s.units) over () - sum(s.units) over (order by s.slot_at, s.id rows unbounded preceding)
+                         as left_after
+              from (select q.slot_at, q.id, coalesce(q.segments, 1) as units from message_queue q
+                    where q.status in ('sending', 'sent') and q.slot_at > p_now - p_window
+                      and q.slot_at <= p_now) s) w);
+end;
+$$;
+
+-- Claim a queued message for sending (see 20261203000003), now with the account caps counted in
+-- messages or, with p_account.unit = 'segments' (ACCOUNT_CAPS_UNIT), in SMS segments: Twilio
+-- meters a sender's throughput in segments per second, and carriers bill segments. A message then
+-- needs its segments free under each cap (1 while uncounted: a text the previous release stored);
+-- one larger than a cap goes once that window is empty, so it is never held back for good. With
+-- 'messages' (the default, and for the previous release's calls) every check is what it was.
+--
+-- The original description: Under the user's row lock it re-counts everything that was
+-- sent or is being sent, so two deliveries racing for one user can never both pass a limit; the
+-- claim itself (slot_at = p_now) counts as a send for every limit from here on. The user's limits
+-- are counted in one statement; the checks and their reasons come in a fixed order.
+--
+-- p_account: the account-wide caps, {"per_second": n, "hourly": n, "daily": n} (each optional; null
+-- or {} for none), counted over rolling windows of every send of the account under one advisory
+-- lock. When a cap is reached the answer carries retry_at, the earliest instant it can allow, spread
+-- by the number of due messages ahead of this one, so a burst (08:00 when quiet hours end) drains
+-- at the configured rate; while the account is throttled, a more important due message goes first.
+create or replace function mq_claim(
+    p_message_id uuid,
+    p_generation integer,
+    p_now timestamptz,
+    p_lease_seconds integer,
+    p_cooldown_seconds integer,
+    p_hourly_limit integer,
+    p_daily_cap integer,
+    p_day_start timestamptz,
+    p_day_end timestamptz,
+    p_weekly_cap integer default null,
+    p_week_start timestamptz default null,
+    p_week_end timestamptz default null,
+    p_account jsonb default null)
+returns jsonb
+language plpgsql as $$
+declare
+    v_user_id uuid;
+    v_blocked timestamptz;
+    v_enabled boolean;
+    v_row message_queue;
+    v_token uuid;
+    v_in_flight boolean;
+    v_cooling boolean;
+    v_hour integer;
+    v_day integer;
+    v_week integer;
+    v_count integer;
+    v_rank integer;
+    v_ahead integer;
+    v_higher integer;
+    v_per_second integer;
+    v_hourly integer;
+    v_daily integer;
+    v_retry timestamptz;
+    v_by_segments boolean := false;
+    v_need integer := 1;
+begin
+    -- Lock order everywhere: the user row, then the message rows. NO KEY UPDATE, not UPDATE: it
+    -- still serialises claims per user, but does not block the KEY SHARE locks that foreign-key
+    -- checks take (mq_record_sent holds the message row and inserts rows referencing the user).
+    select u.id, coalesce(u.opted_out_at, u.undeliverable_at), u.notifications_enabled
+    into v_user_id, v_blocked, v_enabled
+    from message_queue q join users u on u.id = q.user_id
+    where q.id = p_message_id
+    for no key update of u;
+    if not found then
+        return jsonb_build_object('claimed', false, 'reason', 'not_found');
+    end if;
+    select * into v_row from message_queue where id = p_message_id for update;
+    if v_row.status <> 'queued' then
+        return jsonb_build_object('claimed', false, 'reason', 'not_queued', 'status', v_row.status);
+    end if;
+    if v_row.task_generation <> p_generation then
+        return jsonb_build_object('claimed', false, 'reason', 'stale_task', 'status', v_row.status);
+    end if;
+    if v_blocked is not null then
+        -- Opted out (STOP) or undeliverable (Twilio 30005/30006/21610/21614): never send.
+        return jsonb_build_object('claimed', false, 'reason', 'opted_out', 'status', v_row.status);
+    end if;
+    if not v_enabled and v_row.priority <> 'urgent' then
+        return jsonb_build_object('claimed', false, 'reason', 'notifications_disabled', 'status', v_row.status);
+    end if;
+    if v_row.expires_at is not null and v_row.expires_at <= p_now then
+        return jsonb_build_object('claimed', false, 'reason', 'expired', 'status', v_row.status);
+    end if;
+    -- The user's limits in one pass over their slots, from the earliest window's start to the
+    -- latest's end; each count keeps its own window. The in-flight check looks at every 'sending'
+    -- row, however old: one whose lease ran out may still have reached Twilio, and until it is
+    -- reconciled (the sweep, within a minute or two) nothing else goes out, so reconciliation never
+    -- has to tell two in-doubt messages with the same text apart.
+    select
+        exists (select 1 from message_queue
+                where user_id = v_user_id and status = 'sending' and id <> p_message_id),
+        coalesce(bool_or(slot_at > p_now - make_interval(secs => p_cooldown_seconds) and slot_at <= p_now), false),
+        count(*) filter (where slot_at > p_now - interval '1 hour' and slot_at <= p_now),
+        count(*) filter (where slot_at >= p_day_start and slot_at < p_day_end),
+        count(*) filter (where slot_at >= p_week_start and slot_at < p_week_end)
+    into v_in_flight, v_cooling, v_hour, v_day, v_week
+    from message_queue
+    where user_id = v_user_id and status in ('sending', 'sent')
+      and slot_at >= least(p_now - make_interval(secs => greatest(p_cooldown_seconds, 3600)),
+                           p_day_start, coalesce(p_week_start, p_day_start))
+      and slot_at <= greatest(p_now, p_day_end, coalesce(p_week_end, p_day_end));
+    if v_in_flight then
+        return jsonb_build_object('claimed', false, 'reason', 'in_flight', 'status', v_row.status);
+    end if;
+    if v_cooling then
+        return jsonb_build_object('claimed', false, 'reason', 'cooldown', 'status', v_row.status);
+    end if;
+    if v_hour >= p_hourly_limit then
+        return jsonb_build_object('claimed', false, 'reason', 'hourly_limit', 'status', v_row.status);
+    end if;
+    if v_day >= p_daily_cap then
+        return jsonb_build_object('claimed', false, 'reason', 'daily_limit', 'status', v_row.status);
+    end if;
+    if p_weekly_cap is not null and v_week >= p_weekly_cap then
+        return jsonb_build_object('claimed', false, 'reason', 'weekly_limit', 'status', v_row.status);
+    end if;
+    if p_account is not null then
+        v_per_second := nullif(p_account ->> 'per_second', '')::integer;
+        v_hourly := nullif(p_account ->> 'hourly', '')::integer;
+        v_daily := nullif(p_account ->> 'daily', '')::integer;
+        v_by_segments := coalesce(p_account ->> 'unit', 'messages') = 'segments';
+    end if;
+    if v_by_segments then
+        v_need := coalesce(v_row.segments, 1);
+    end if;
+    if v_per_second is not null or v_hourly is not null or v_daily is not null then
+        -- One account: its counts are only true while no other claim is counting.
+        perform pg_advisory_xact_lock(727347002);
+        v_rank := array_position(array['urgent', 'high', 'medium', 'low'], v_row.priority::text);
+        if v_daily is not null then
+            v_count := mq_account_used(p_now, interval '1 day', v_by_segments);
+            if v_count > 0 and v_count + v_need > v_daily then
+                return jsonb_build_object('claimed', false, 'reason', 'account_daily_limit', 'status', v_row.status,
+                    'retry_at', mq_account_window_free_at(p_now, interval '1 day', v_daily, v_need, v_by_segments));
+            end if;
+        end if;
+        if v_hourly is not null then
+            v_count := mq_account_used(p_now, interval '1 hour', v_by_segments);
+            if v_count > 0 and v_count + v_need > v_hourly then
+                return jsonb_build_object('claimed', false, 'reason', 'account_hourly_limit', 'status', v_row.status,
+                    'retry_at', mq_account_window_free_at(p_now, interval '1 hour', v_hourly, v_need, v_by_segments));
+            end if;
+        end if;
+        if v_per_second is not null then
+            -- Due messages ahead of this one: more important, or as important and due earlier. Capped:
+            -- beyond a few thousand the spread is only an estimate anyway. In segments, by segments.
+            select coalesce(sum(case when v_by_segments then coalesce(a.segments, 1) else 1 end), 0)
+            into v_ahead from (
+                select q.segments from message_queue q
+                where q.status = 'queued' and q.scheduled_for <= p_now and q.id <> p_message_id
+                  and q.scheduled_for > p_now - interval '10 minutes'
+                  and (array_position(array['urgent', 'high', 'medium', 'low'], q.priority::text) < v_rank
+                       or (q.priority = v_row.priority
+                           and (q.scheduled_for, q.created_at, q.id)
+                               < (v_row.scheduled_for, v_row.created_at, v_row.id)))
+                limit 10000) a;
+            v_count := mq_account_used(p_now, interval '1 second', v_by_segments);
+            -- While the account's throughput is contended, more important due messages take the
+            -- remaining slots first (only then: a due message that is itself held up elsewhere must
+            -- not hold back a quiet account).
+            select coalesce(sum(case when v_by_segments then coalesce(h.segments, 1) else 1 end), 0)
+            into v_higher from (
+                select q.segments from message_queue q
+                where q.status = 'queued' and q.scheduled_for <= p_now
+                  and q.scheduled_for > p_now - interval '10 minutes'
+                  and q.priority = any ((array['urgent', 'high', 'medium', 'low'])[1:v_rank - 1])
+                limit v_per_second) h;
+            if v_higher > 0 and v_count + v_higher + v_need > v_per_second then
+                return jsonb_build_object('claimed', false, 'reason', 'account_priority', 'status', v_row.status,
+                    'retry_at', p_now + make_interval(secs => greatest(1, ceil(v_ahead::numeric / v_per_second))));
+            end if;
+            if v_count > 0 and v_count + v_need > v_per_second then
+                v_retry := mq_account_window_free_at(p_now, interval '1 second', v_per_second, v_need, v_by_segments)
+                           + make_interval(secs => floor(v_ahead::numeric / v_per_second));
+                return jsonb_build_object('claimed', false, 'reason', 'account_throughput', 'status', v_row.status,
+                    'retry_at', v_retry);
+            end if;
+        end if;
+    end if;
+    v_token := gen_random_uuid();
+    update message_queue set
+        status = 'sending',
+        claim_token = v_token,
+        lease_expires_at = p_now + make_interval(secs => p_lease_seconds),
+        slot_at = p_now,
+        attempts = attempts + 1,
+        reason = 'sending',
+        updated_at = p_now
+    where id = p_message_id;
+    return jsonb_build_object('claimed', true, 'reason', 'ok', 'status', 'sending',
+                              'token', v_token, 'attempts', v_row.attempts + 1);
+end;
+$$;
+
 
 call close_public_api();
