@@ -233,6 +233,7 @@ variable "settings" {
       "SWEEP_TIME_BUDGET_SECONDS", "HEALTH_STALE_SECONDS", "TWILIO_TIMEOUT_SECONDS",
       "SWEEP_TASK_CONCURRENCY", "WEEKLY_LIMIT", "ACCOUNT_RATE_PER_SECOND", "ACCOUNT_HOURLY_LIMIT", "ACCOUNT_DAILY_LIMIT",
       "ANTHROPIC_MODEL", "ANTHROPIC_TIMEOUT_SECONDS", "RENDER_MAX_LENGTH",
+      "MAX_SEGMENTS_PER_MESSAGE", "SMART_ENCODING", "ACCOUNT_CAPS_UNIT",
     ], k)])
     error_message = "settings may only hold the tuning variables of README's configuration table; credentials go to Secret Manager, wiring is set here."
   }

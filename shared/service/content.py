@@ -36,8 +36,8 @@ def error_usage(operation: str, exc: RenderUnavailable | None) -> dict[str, Any]
 
 def render(renderer: Renderer, data: dict[str, Any], turns: list[Turn], config: Policy) -> Rendered:
     """Structured data rendered to the text that will be sent: smart-encoded with SMART_ENCODING,
-    like a literal content. No segment limit: RENDER_MAX_LENGTH bounds it (320 characters: at
-    most 5 UCS-2 segments); the store records its segments with the text."""
+    like a literal content. No segment limit: RENDER_MAX_LENGTH bounds it (320 characters by default:
+    5 UCS-2 segments, 10 if all emoji); the store records its segments with the text."""
     out = renderer.render(data, conversation=turns, max_length=config.render_max_length)
     return replace(out, text=segments.sms_text(out.text, config.smart_encoding))
 
