@@ -47,6 +47,24 @@ def _str(env: Mapping[str, str], name: str) -> str | None:
     return raw or None
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
 def _optional_int(env: Mapping[str, str], name: str) -> int | None:
     """0 or unset: none (no cap)."""
     return _int(env, name, 0) or None
@@ -69,7 +87,10 @@ _INTS = (
     ("health_stale_seconds", "HEALTH_STALE_SECONDS", 1),
     ("user_queue_limit", "USER_QUEUE_LIMIT", 0),
     ("agent_rate_per_minute", "AGENT_RATE_PER_MINUTE", 0),
+    ("max_segments_per_message", "MAX_SEGMENTS_PER_MESSAGE", 0),
 )
+# Flags: (field, variable); 1/true/yes/on or 0/false/no/off, unset or empty is the field's default.
+_FLAGS = (("smart_encoding", "SMART_ENCODING"),)
 # Optional strings: (field, variable); unset or empty is None.
 _STRS = (
     ("database_url", "DATABASE_URL"),
@@ -155,6 +176,8 @@ class Settings:
     health_stale_seconds: int = _POLICY.health_stale_seconds
     user_queue_limit: int = _POLICY.user_queue_limit
     agent_rate_per_minute: int = _POLICY.agent_rate_per_minute
+    max_segments_per_message: int = _POLICY.max_segments_per_message
+    smart_encoding: bool = _POLICY.smart_encoding
     log_level: str = "INFO"
     # Who may act as which agent (shared/identity.py): CALLER_IDENTITY and AGENT_IDENTITIES
     compliance_profile: str = _POLICY.compliance_profile
@@ -168,12 +191,14 @@ class Settings:
         values: dict[str, Any] = {name: _str(e, var) for name, var in _STRS}
         values |= {name: _str(e, var) or getattr(cls, name) for name, var in _NAMES}
         values |= {name: _int(e, var, getattr(cls, name), minimum) for name, var, minimum in _INTS}
+        values |= {name: _flag(e, var, getattr(cls, name)) for name, var in _FLAGS}
         values["log_level"] = str(values["log_level"]).upper()
         values["twilio_signature_bypass_local"] = (_str(e, "TWILIO_SIGNATURE_BYPASS") or "") == "local-only"
         values["account_caps"] = AccountCaps(
             per_second=_optional_int(e, "ACCOUNT_RATE_PER_SECOND"),
             hourly=_optional_int(e, "ACCOUNT_HOURLY_LIMIT"),
             daily=_optional_int(e, "ACCOUNT_DAILY_LIMIT"),
+            unit=_choice(e, "ACCOUNT_CAPS_UNIT", AccountCaps.unit, ("messages", "segments")),
         )
         values["limits"] = _limits(e)
         values["caller_identity"] = (_str(e, "CALLER_IDENTITY") or cls.caller_identity).lower()
@@ -218,6 +243,8 @@ class Settings:
             agent_rate_per_minute=self.agent_rate_per_minute,
             compliance_profile=self.compliance_profile,
             urgent_agents=self.urgent_agents,
+            max_segments_per_message=self.max_segments_per_message,
+            smart_encoding=self.smart_encoding,
         )
 
 

@@ -177,14 +177,26 @@ class AccountCaps:
     per_second: int | None = None
     hourly: int | None = None
     daily: int | None = None
+    unit: str = "messages"  # or "segments": each cap counts SMS segments (ACCOUNT_CAPS_UNIT)
 
     @property
     def enabled(self) -> bool:
         return any(v is not None for v in (self.per_second, self.hourly, self.daily))
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, int | str]:
         pairs = (("per_second", self.per_second), ("hourly", self.hourly), ("daily", self.daily))
-        return {k: v for k, v in pairs if v is not None}
+        caps: dict[str, int | str] = {k: v for k, v in pairs if v is not None}
+        # Only when it differs from the default, so the claim's argument stays as it was.
+        return caps | ({"unit": self.unit} if self.unit != "messages" else {})
+
+
+@dataclass(frozen=True)
+class Segments:
+    """How an SMS text travels (shared/segments.py counts it): its encoding, GSM-7 or UCS-2, and
+    the number of SMS segments it is sent (and billed) as. For a sequence, the parts' total."""
+
+    encoding: str
+    count: int
 
 
 def needs_render(message_data: Mapping[str, Any]) -> bool:
@@ -203,6 +215,7 @@ class Part:
     twilio_message_sid: str | None = None
     sent_at: datetime | None = None
     data: dict[str, Any] | None = None  # a structured part's fields, for the Renderer
+    segments: Segments | None = None  # of `content` as stored; None until it has a text
 
     @property
     def sent(self) -> bool:
@@ -251,6 +264,8 @@ class StoredMessage:
     requires_fresh_context: bool = False
     render_attempts: int = 0
     transactional: bool = False
+    # Of the text to send (a sequence: the parts' total); None while a structured text is unrendered.
+    segments: Segments | None = None
 
     @property
     def structured(self) -> bool:
@@ -296,6 +311,11 @@ class Policy:
         """Whether this agent's urgent messages skip quiet hours (and its transactional ones the
         calling hours)."""
         return "*" in self.urgent_agents or agent_id in self.urgent_agents
+
+    # SMS segments (shared/segments.py): the most a literal content may be (0: no limit; past it a
+    # 400 naming the field), and Twilio-style Smart Encoding of look-alikes before counting.
+    max_segments_per_message: int = 10
+    smart_encoding: bool = False
 
     def admission(self, agent_id: str, topic_key: str | None) -> Admission:
         return Admission(

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from shared.domain import Admission, History, Part, StoredMessage, UserSettings
+from shared import segments
+from shared.domain import Admission, History, Part, Segments, StoredMessage, UserSettings
 
 if TYPE_CHECKING:
     from shared.parsing import ScheduleRequest
@@ -149,6 +150,13 @@ class NewMessage:
         if self.parts:
             return "\n".join(p.content for p in self.parts if p.content) or None
         return self.rendered or self.request.content or None
+
+    @property
+    def segments(self) -> Segments | None:
+        """Of a single message's text to send; None while it is still to render, and for a
+        sequence, whose parts are counted one by one (the database sums them)."""
+        text = None if self.parts else self.final_message
+        return segments.count(text) if text else None
 
 
 @dataclass(frozen=True)

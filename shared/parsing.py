@@ -8,12 +8,13 @@ import hashlib
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from itertools import chain
 from typing import Any
 
-from shared.domain import DEFAULT_PART_DELAY_SECONDS, PRIORITIES, Part, needs_render
+from shared import segments
+from shared.domain import DEFAULT_PART_DELAY_SECONDS, PRIORITIES, Part, Policy, needs_render
 from shared.errors import ValidationError
 from shared.models import iso, validate_structured
 
@@ -104,8 +105,8 @@ def parts_json(parts: tuple[Part, ...]) -> list[dict[str, Any]]:
 class ScheduleRequest:
     user_id: uuid.UUID
     agent_id: str
-    message_data: dict[str, Any]
-    content: str
+    message_data: dict[str, Any]  # as the agent sent it (a sequence's: its parts as sent)
+    content: str  # the text to send, smart-encoded if SMART_ENCODING (a sequence: its parts', joined)
     priority: str = "medium"
     can_delay: bool = True
     requires_fresh_context: bool = False
@@ -113,7 +114,7 @@ class ScheduleRequest:
     idempotency_key: str | None = None
     expires_at: datetime | None = None
     topic_key: str | None = None
-    parts: tuple[Part, ...] = ()
+    parts: tuple[Part, ...] = ()  # each part's content: the text to send, as `content`
     transactional: bool = False  # the agent says so; only an allowed agent's passes calling hours
 
     @property
@@ -138,7 +139,8 @@ class ScheduleRequest:
         if self.topic_key is not None:
             canonical["topicKey"] = self.topic_key
         if self.parts:
-            canonical["sequence"] = parts_json(self.parts)
+            # As sent, not as smart-encoded: a retry is the same request whatever SMART_ENCODING is.
+            canonical["sequence"] = self.message_data["sequence"]
         if self.transactional:
             canonical["transactional"] = True
         raw = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -150,14 +152,18 @@ class ScheduleRequest:
         body: Any,
         *,
         now: datetime,
-        max_content_length: int = 1600,
+        max_content_length: int = Policy.max_content_length,
         idempotency_header: str | None = None,
+        max_segments: int = Policy.max_segments_per_message,
+        smart_encoding: bool = Policy.smart_encoding,
     ) -> ScheduleRequest:
-        """Validate an agent's JSON body; raises ValidationError naming every bad field."""
+        """Validate an agent's JSON body; raises ValidationError naming every bad field. A text of
+        more than `max_segments` SMS segments (0: any) is refused; with `smart_encoding` the texts
+        to send have their typographic look-alikes replaced (shared/segments.py) before counting."""
         if not isinstance(body, dict):
             raise ValidationError([{"field": "body", "reason": "must be a JSON object"}])
         bad = Errors()
-        fields = _ScheduleFields(body, bad, max_content_length)
+        fields = _ScheduleFields(body, bad, max_content_length, _Sms(max_segments, smart_encoding))
         fields.names()
         user_id, agent_id = fields.uuid("userId", required=True) or _NO_ID, fields.agent_id()
         message_data, content, parts = fields.message()
@@ -184,8 +190,8 @@ class _ScheduleFields:
     """A schedule request's body, one parser per field or group of fields: each returns the value (a
     placeholder when it is not valid) and tells `bad` what is wrong, in the order they are called."""
 
-    def __init__(self, body: dict[str, Any], bad: Errors, max_length: int) -> None:
-        self.body, self.bad, self.max_length = body, bad, max_length
+    def __init__(self, body: dict[str, Any], bad: Errors, max_length: int, sms: _Sms) -> None:
+        self.body, self.bad, self.max_length, self.sms = body, bad, max_length, sms
 
     def names(self) -> None:
         """Unknown fields first, then the known fields holding text that cannot be stored."""
@@ -212,14 +218,28 @@ class _ScheduleFields:
             if "messageData" in self.body:
                 self.bad("sequence", "give either messageData or sequence, not both")
             parts = self.sequence(self.body["sequence"])
-            return {"sequence": parts_json(parts)}, "\n".join(p.content for p in parts if p.content), parts
+            texts = tuple(
+                replace(p, content=self.sms_text(p.content, f"sequence[{p.position - 1}].content"))
+                for p in parts
+            )
+            return {"sequence": parts_json(parts)}, "\n".join(p.content for p in texts if p.content), texts
         if "messageData" not in self.body:
             self.bad("messageData", "is required (or sequence)")
         elif not isinstance(data, dict):
             self.bad("messageData", "must be an object")
         else:
-            return data, self.text(data, "messageData"), ()
+            return data, self.sms_text(self.text(data, "messageData"), "messageData.content"), ()
         return {}, "", ()
+
+    def sms_text(self, content: str, name: str) -> str:
+        """A finished content as it will be sent, within the segment limit ("" stays "": structured)."""
+        if not content:
+            return content
+        text = segments.sms_text(content, self.sms.smart_encoding)
+        problem = self.sms.problem(text)
+        if problem:
+            self.bad(name, problem)
+        return text
 
     def text(self, data: dict[str, Any], name: str) -> str:
         """messageData's or a part's finished `content`; without one, structured data to render ("")."""
@@ -320,6 +340,28 @@ class _ScheduleFields:
         elif expires_at <= now:
             self.bad("expiresAt", "must be in the future")
         return expires_at
+
+
+@dataclass(frozen=True)
+class _Sms:
+    """How a finished text is checked and prepared: MAX_SEGMENTS_PER_MESSAGE, SMART_ENCODING."""
+
+    max_segments: int
+    smart_encoding: bool
+
+    def problem(self, text: str) -> str | None:
+        """Why `text` is too long in SMS segments, if it is: with its encoding, and what made it UCS-2."""
+        size = segments.count(text)
+        if not self.max_segments or size.count <= self.max_segments:
+            return None
+        why = ""
+        if size.encoding == segments.UCS2:
+            chars = ", ".join(json.dumps(c, ensure_ascii=False) for c in segments.non_gsm(text))
+            why = f" ({segments.UCS2} because of {chars}: one character outside GSM-7 makes all of it UCS-2)"
+        return (
+            f"must fit in at most {self.max_segments} SMS segments; this text is {size.count} segments "
+            f"of {size.encoding}{why}"
+        )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import flask
 
 from shared import identity, policy, service
 from shared.bootstrap import Container
-from shared.domain import StoredMessage
+from shared.domain import Segments, StoredMessage
 from shared.errors import Forbidden, OrchestratorError, TooManyRequests, ValidationError
 from shared.log import event, set_trace
 from shared.models import ConsentHistory, SweepReport, iso
@@ -39,6 +39,11 @@ def respond(status: int, body: dict[str, Any], headers: dict[str, str] | None = 
     return json.dumps(body, ensure_ascii=True), status, h
 
 
+def segments_json(s: Segments | None) -> dict[str, Any]:
+    """`encoding` (GSM-7 | UCS-2) and `segments` of a text; both null before it has one."""
+    return {"encoding": s.encoding if s else None, "segments": s.count if s else None}
+
+
 def message_json(m: StoredMessage) -> dict[str, Any]:
     """A stored message as agents read it (GET /messages/<id>, cancel)."""
     return {
@@ -56,6 +61,7 @@ def message_json(m: StoredMessage) -> dict[str, Any]:
         "twilioMessageSid": m.twilio_message_sid,
         "topicKey": m.topic_key,
         "supersededBy": str(m.superseded_by) if m.superseded_by else None,
+        **segments_json(m.segments),  # a sequence: the parts' total
         "parts": [
             {
                 "position": p.position,
@@ -64,6 +70,7 @@ def message_json(m: StoredMessage) -> dict[str, Any]:
                 "status": p.status,
                 "twilioMessageSid": p.twilio_message_sid,
                 "sentAt": iso(p.sent_at),
+                **segments_json(p.segments),
             }
             for p in m.parts
         ]
@@ -108,6 +115,7 @@ def schedule_body(result: service.ScheduleResult) -> dict[str, Any]:
         "parts": len(m.parts) or None,
         "topicKey": m.topic_key,
         "superseded": [str(s) for s in result.superseded],
+        **segments_json(m.segments),  # a sequence: the parts' total
     }
 
 
@@ -230,6 +238,8 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
             now=now,
             max_content_length=c.policy.max_content_length,
             idempotency_header=request.headers.get("Idempotency-Key"),
+            max_segments=c.policy.max_segments_per_message,
+            smart_encoding=c.policy.smart_encoding,
         )
         result = service.schedule_request(
             parsed, store=c.store, tasks=c.tasks, config=c.policy, now=now, renderer=c.renderer, caller=caller

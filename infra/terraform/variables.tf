@@ -235,6 +235,7 @@ variable "settings" {
       "ANTHROPIC_MODEL", "ANTHROPIC_TIMEOUT_SECONDS", "RENDER_MAX_LENGTH",
       "USER_QUEUE_LIMIT", "AGENT_RATE_PER_MINUTE", "COMPLIANCE_PROFILE", "URGENT_AGENTS",
       "STOP_REPLY", "START_REPLY", "HELP_REPLY",
+      "MAX_SEGMENTS_PER_MESSAGE", "SMART_ENCODING", "ACCOUNT_CAPS_UNIT",
     ], k)])
     error_message = "settings may only hold the tuning variables of README's configuration table; credentials go to Secret Manager, wiring is set here."
   }

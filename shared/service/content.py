@@ -14,10 +14,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from shared import segments
 from shared.domain import QUEUED, SUPERSEDED, Part, Policy, StoredMessage
 from shared.errors import RenderUnavailable
 from shared.log import event
-from shared.models import Outcome, Turn
+from shared.models import Outcome, Rendered, Turn
 from shared.policy import rules
 from shared.ports import Renderer
 from shared.service.attempt import DeliveryAttempt
@@ -33,6 +34,14 @@ def error_usage(operation: str, exc: RenderUnavailable | None) -> dict[str, Any]
     return {"operation": operation, **{k: v for k, v in details.items() if isinstance(v, str | int | bool)}}
 
 
+def render(renderer: Renderer, data: dict[str, Any], turns: list[Turn], config: Policy) -> Rendered:
+    """Structured data rendered to the text that will be sent: smart-encoded with SMART_ENCODING,
+    like a literal content. No segment limit: RENDER_MAX_LENGTH bounds it (320 characters by default:
+    5 UCS-2 segments, 10 if all emoji); the store records its segments with the text."""
+    out = renderer.render(data, conversation=turns, max_length=config.render_max_length)
+    return replace(out, text=segments.sms_text(out.text, config.smart_encoding))
+
+
 def render_parts(
     renderer: Renderer, parts: tuple[Part, ...], turns: list[Turn], config: Policy
 ) -> tuple[tuple[Part, ...], list[tuple[int, dict[str, Any]]]]:
@@ -41,7 +50,7 @@ def render_parts(
     usages: list[tuple[int, dict[str, Any]]] = []
     for p in parts:
         if p.data is not None and not p.sent:
-            out = renderer.render(p.data, conversation=turns, max_length=config.render_max_length)
+            out = render(renderer, p.data, turns, config)
             p = replace(p, content=out.text)
             usages.append((p.position, out.usage.to_log()))
         done.append(p)
@@ -140,9 +149,7 @@ def _render_sequence(a: DeliveryAttempt, renderer: Renderer, conversation: Conve
 def _render_single(a: DeliveryAttempt, renderer: Renderer, conversation: Conversation) -> Outcome | None:
     m = a.message
     try:
-        rendered = renderer.render(
-            m.message_data, conversation=conversation(), max_length=a.config.render_max_length
-        )
+        rendered = render(renderer, m.message_data, conversation(), a.config)
     except RenderUnavailable as exc:
         return render_failed(a, exc, "render")
     if not a.store.record_render(m.id, rendered.text, rendered.usage.to_log(), a.now):

@@ -31,7 +31,7 @@ from shared.parsing import CancelRequest, ScheduleRequest, parse_uuid
 from shared.policy import Decision, rules
 from shared.ports import Renderer, Store, TaskQueue
 from shared.service.common import located, log, wake
-from shared.service.content import error_usage, render_parts
+from shared.service.content import error_usage, render, render_parts
 
 # Plans that mean the message will never go out: the request is refused with the error.
 REFUSED: dict[str, type[OrchestratorError]] = {
@@ -61,7 +61,12 @@ def schedule(
 ) -> ScheduleResult:
     """Validate an agent's JSON body, then schedule_request."""
     request = ScheduleRequest.parse(
-        body, now=now, max_content_length=config.max_content_length, idempotency_header=idempotency_header
+        body,
+        now=now,
+        max_content_length=config.max_content_length,
+        idempotency_header=idempotency_header,
+        max_segments=config.max_segments_per_message,
+        smart_encoding=config.smart_encoding,
     )
     return schedule_request(request, store=store, tasks=tasks, config=config, now=now, renderer=renderer)
 
@@ -176,10 +181,7 @@ def _render_now(
     try:
         turns = store.conversation(request.user_id, config.conversation_turns)
         if request.structured:
-            rendered = renderer.render(
-                request.message_data, conversation=turns, max_length=config.render_max_length
-            )
-            return _Content(parts=parts, rendered=rendered)
+            return _Content(parts=parts, rendered=render(renderer, request.message_data, turns, config))
         rendered_parts, usages = render_parts(renderer, parts, turns, config)
         return _Content(parts=rendered_parts, part_usages=usages)
     except RenderUnavailable as exc:

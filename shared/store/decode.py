@@ -6,7 +6,8 @@ import uuid
 from datetime import datetime, time
 from typing import Any
 
-from shared.domain import History, Part, Reservation, StoredMessage, UserSettings
+from shared import segments
+from shared.domain import History, Part, Reservation, Segments, StoredMessage, UserSettings
 from shared.errors import AgentRateLimited, NotFound, StoreError, UserQueueFull, ValidationError
 from shared.models import (
     CancelResult,
@@ -47,6 +48,20 @@ def _uuid(value: Any) -> uuid.UUID | None:
     return None if value is None else uuid.UUID(str(value))
 
 
+def _segments(doc: dict[str, Any]) -> Segments | None:
+    """A row's (or part's) `encoding` and `segments` columns; None before its text was counted."""
+    if doc.get("segments") is None or doc.get("encoding") is None:
+        return None
+    return Segments(encoding=str(doc["encoding"]), count=int(doc["segments"]))
+
+
+def segments_args(counted: Segments | None) -> dict[str, Any]:
+    """The `encoding` and `segments` arguments that store a text's count (null: no text yet)."""
+    if counted is None or counted.count == 0:
+        return {"encoding": None, "segments": None}
+    return {"encoding": counted.encoding, "segments": counted.count}
+
+
 def _part(p: dict[str, Any]) -> Part:
     return Part(
         position=int(p["position"]),
@@ -56,6 +71,7 @@ def _part(p: dict[str, Any]) -> Part:
         twilio_message_sid=p.get("twilio_message_sid"),
         sent_at=instant(p.get("sent_at")),
         data=dict(p["data"]) if isinstance(p.get("data"), dict) else None,
+        segments=_segments(p),
     )
 
 
@@ -96,6 +112,7 @@ def message(row: dict[str, Any]) -> StoredMessage:
         requires_fresh_context=bool(row.get("requires_fresh_context")),
         render_attempts=int(row.get("render_attempts") or 0),
         transactional=bool(row.get("transactional")),
+        segments=_segments(row),
     )
 
 
@@ -220,6 +237,7 @@ def parts_param(parts: tuple[Part, ...]) -> list[dict[str, Any]] | None:
     return [
         {"content": p.content, "delay_seconds": p.delay_seconds}
         | ({"data": p.data} if p.data is not None else {})
+        | (segments_args(segments.count(p.content)) if p.content else {})
         for p in parts
     ]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from shared import models
+from shared import models, segments
 from shared.domain import AccountCaps, Admission, Limits, StoredMessage
 from shared.store import decode
 
@@ -113,6 +113,7 @@ class SqlStore:
             parts=_json(decode.parts_param(message.parts)),
             **_admission_args(message.admission),
             transactional=r.transactional,
+            **decode.segments_args(message.segments),
         )
         return decode.enqueue_result(doc)
 
@@ -229,6 +230,7 @@ class SqlStore:
     def record_part_render(
         self, message_id: uuid.UUID, position: int, text: str, usage: dict[str, Any], now: datetime
     ) -> bool:
+        # The text's segments are stored with it, counted here so that no caller can forget them.
         doc = self.call(
             "mq_record_part_render",
             message_id=message_id,
@@ -236,13 +238,20 @@ class SqlStore:
             text=text,
             usage=Json(usage),
             now=now,
+            **decode.segments_args(segments.count(text)),
         )
         return bool(doc)
 
     def record_render(self, message_id: uuid.UUID, text: str, usage: dict[str, Any], now: datetime) -> bool:
-        return bool(
-            self.call("mq_record_render", message_id=message_id, text=text, usage=Json(usage), now=now)
+        doc = self.call(
+            "mq_record_render",
+            message_id=message_id,
+            text=text,
+            usage=Json(usage),
+            now=now,
+            **decode.segments_args(segments.count(text)),
         )
+        return bool(doc)
 
     def render_failed(
         self, message_id: uuid.UUID, *, error: str, usage: dict[str, Any], max_attempts: int, now: datetime

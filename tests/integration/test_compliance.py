@@ -231,3 +231,31 @@ def test_every_zone_a_number_can_map_to_is_one_the_planner_knows() -> None:
     assert len(zones) > 250
     assert sorted(z for z in zones if not is_timezone(z)) == []
     assert all(is_timezone(z) for z in compliance._US_ZONES)
+
+
+def test_a_transactional_message_is_stored_as_such_and_delivered_outside_calling_hours(
+    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: Any, database_url: str
+) -> None:
+    from tests.support.fakes import VirtualClock
+
+    who = user(store, SF, "America/Los_Angeles")
+    now = at(PT, 2, 3)
+    fields = {"priority": "urgent", "agentId": "pager", "transactional": True}
+    message = schedule(store, tasks, who, now, URGENT_OK, **fields).message
+    assert message.transactional and message.scheduled_for == now
+    assert sql(database_url, "select transactional from message_queue where id = %s", message.id) == [(True,)]
+    # The same message from an agent not allowed: stored transactional, but the floor holds at delivery.
+    other = schedule(store, tasks, user(store, "+14155550124", "America/Los_Angeles"), now, URGENT_OK,
+                     transactional=True).message  # fmt: skip
+    clock = VirtualClock(now)
+    sent = service.deliver({"messageId": str(message.id), "generation": 0}, store=store, tasks=tasks,
+                           sms=twilio_sender, config=URGENT_OK, clock=clock)  # fmt: skip
+    assert sent.action == "sent"
+    # Even woken at 03:00 (its plan moved there by hand), delivery holds it to the floor.
+    assert other.scheduled_for == at(PT, 2, 8)
+    sql(database_url, "update message_queue set scheduled_for = %s where id = %s", now, other.id)
+    held = service.deliver(
+        {"messageId": str(other.id), "generation": 0},
+        store=store, tasks=tasks, sms=twilio_sender, config=URGENT_OK, clock=clock,
+    )  # fmt: skip
+    assert (held.action, held.reason, held.scheduled_for) == ("deferred", "calling_hours", at(PT, 2, 8))

@@ -27,8 +27,10 @@ CALLED_FROM_SQL_ONLY = {
     "mq_insert_parts": "a sequence's parts, inserted by mq_enqueue",
     "mq_conversation_of": "the conversation of an outbound message (mq_record_sent, mq_record_part)",
     "mq_account_window_free_at": "the retry_at of a full account-wide window (mq_claim)",
+    "mq_account_used": "the account's messages or segments in a rolling window (mq_claim)",
     "mq_admission": "the user's queue limit and the agent's rate (mq_user_context, mq_enqueue)",
     "mq_record_consent": "a consent change and its ledger row (mq_inbound, mq_fail_opted_out)",
+    "mq_sequence_segments": "a sequence's total segments from its parts (mq_enqueue, mq_record_part_render)",
 }
 
 # Public functions outside the mq_ namespace.
@@ -41,10 +43,16 @@ OTHER_FUNCTIONS = {
 REDEFINED = {
     "mq_user_context": "20261203000011_compliance.sql",
     "mq_delivery_context": "20261203000011_compliance.sql",
-    "mq_enqueue": "20261203000011_compliance.sql",
     "mq_upsert_user": "20261203000011_compliance.sql",
     "mq_emit": "20261203000008_event_agent_attribute.sql",
     "mq_inbound": "20261203000012_consent.sql",
+    "mq_enqueue": "20261203000013_segments.sql",
+    "mq_message_doc": "20261203000013_segments.sql",
+    "mq_insert_parts": "20261203000013_segments.sql",
+    "mq_record_render": "20261203000013_segments.sql",
+    "mq_record_part_render": "20261203000013_segments.sql",
+    "mq_claim": "20261203000013_segments.sql",
+    "mq_account_window_free_at": "20261203000013_segments.sql",
 }
 
 TABLES = {

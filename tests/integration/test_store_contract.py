@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from supabase import create_client
 
-from shared.domain import Limits, Reservation
+from shared.domain import Limits, Reservation, Segments
 from shared.errors import NotFound, OrchestratorError, StoreUnavailable, Unavailable, ValidationError
 from shared.models import Claim, NewMessage
 from shared.parsing import ScheduleRequest
@@ -761,6 +761,25 @@ def test_a_sequence_is_one_row_with_its_parts_recorded_one_by_one(store: AnyStor
     assert ctx is not None and len(ctx.history.sends) == 1  # the sequence counts once
 
 
+def test_segments_are_stored_with_every_text_and_read_back(store: AnyStore) -> None:
+    user_id = make_user(store)
+    single = store.enqueue(new_message(user_id, content="a" * 159 + "\U0001f600")).message
+    assert single.segments == Segments("UCS-2", 3)
+    parts = [{"content": "one"}, {"type": "intro"}, {"content": "Ж" * 71}]
+    sequence = store.enqueue(new_message(user_id, messageData=None, sequence=parts)).message
+    assert [p.segments for p in sequence.parts] == [Segments("GSM-7", 1), None, Segments("UCS-2", 2)]
+    assert sequence.segments is None  # a part is still to render
+    assert store.record_part_render(sequence.id, 2, "a" * 200, {"model": "m"}, T0)
+    rendered = store.get_message(sequence.id)
+    assert rendered is not None and rendered.parts[1].segments == Segments("GSM-7", 2)
+    assert rendered.segments == Segments("UCS-2", 5)
+    structured = store.enqueue(new_message(user_id, messageData={"type": "intro"})).message
+    assert structured.segments is None
+    assert store.record_render(structured.id, "€" * 81, {"model": "m"}, T0)
+    again = store.get_message(structured.id)
+    assert again is not None and again.segments == Segments("GSM-7", 2)
+
+
 def test_a_topic_supersedes_only_the_agents_older_queued_messages(store: AnyStore) -> None:
     user_id = make_user(store)
     old = enqueue(store, user_id, topicKey="t")
@@ -891,6 +910,8 @@ def test_enqueue_sends_jsonb_as_json_and_nulls_explicitly(
         "p_user_queue_limit": None,
         "p_agent_rate_per_minute": None,
         "p_transactional": False,
+        "p_encoding": "GSM-7",
+        "p_segments": 1,
     }
 
 
