@@ -194,6 +194,10 @@ class Settings:
         values |= {name: _flag(e, var, getattr(cls, name)) for name, var in _FLAGS}
         values["log_level"] = str(values["log_level"]).upper()
         values["twilio_signature_bypass_local"] = (_str(e, "TWILIO_SIGNATURE_BYPASS") or "") == "local-only"
+        if values["twilio_signature_bypass_local"] and _str(e, "K_SERVICE"):
+            # K_SERVICE is set by Cloud Run: a deployed function never skips Twilio's signature,
+            # whatever a copied .env says.
+            raise ValueError("TWILIO_SIGNATURE_BYPASS=local-only is refused on Cloud Run (K_SERVICE is set)")
         values["account_caps"] = AccountCaps(
             per_second=_optional_int(e, "ACCOUNT_RATE_PER_SECOND"),
             hourly=_optional_int(e, "ACCOUNT_HOURLY_LIMIT"),

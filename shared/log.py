@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +58,21 @@ def configure(level: str = "INFO") -> None:
     for noisy in ("urllib3", "twilio.http_client", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _configured = True
+
+
+# A phone number as Twilio and the database write one: E.164 (+15551234567), or a NANP number
+# as (555) 123-4567, 555-123-4567 or 555.123.4567; not dates, times, ids or UUIDs.
+_PHONE = re.compile(r"\+\d{7,15}\b|(?<![\w-])(?:\(\d{3}\)\s?|\d{3}[.\s-])\d{3}[.\s-]\d{4}(?![\w-])")
+
+
+def scrub(text: str | None) -> str | None:
+    """Error text without personal data, before it is logged or stored: Postgres' DETAIL and
+    CONTEXT lines (which quote column values) are dropped, and phone numbers are redacted
+    (Twilio's and the database's messages quote the recipient)."""
+    if text is None:
+        return None
+    kept = [line for line in text.splitlines() if not line.lstrip().startswith(("DETAIL:", "CONTEXT:"))]
+    return _PHONE.sub("[phone]", "\n".join(kept))
 
 
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:

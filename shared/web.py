@@ -17,7 +17,7 @@ from shared import identity, policy, service
 from shared.bootstrap import Container
 from shared.domain import Segments, StoredMessage
 from shared.errors import Forbidden, OrchestratorError, TooManyRequests, ValidationError
-from shared.log import event, set_trace
+from shared.log import event, scrub, set_trace
 from shared.models import ConsentHistory, SweepReport, iso
 from shared.parsing import ScheduleRequest, parse_task
 
@@ -167,6 +167,8 @@ def _json_body(request: flask.Request) -> Any:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValidationError([{"field": "body", "reason": f"malformed JSON: {exc}"}]) from exc
+    except RecursionError as exc:  # nested deeper than the parser's recursion limit
+        raise ValidationError([{"field": "body", "reason": "JSON nested too deeply"}]) from exc
 
 
 def _retry_after(exc: OrchestratorError) -> dict[str, str] | None:
@@ -191,7 +193,7 @@ def handle(request: flask.Request, c: Container, name: str, fn: Callable[[], Res
             status=exc.http_status,
             reason=exc.code,
             error=exc.message,
-            cause=repr(exc.__cause__) if exc.__cause__ else None,
+            cause=scrub(repr(exc.__cause__)) if exc.__cause__ else None,
         )
         headers = _retry_after(exc)
         return respond(exc.http_status, exc.to_dict(), headers)

@@ -79,6 +79,14 @@ locals {
     status_callback = {
       STATUS_CALLBACK_URL = "https://${local.service_hosts.twilio_status}"
     }
+    # The exact URLs Twilio calls (and signs): the webhooks check X-Twilio-Signature against them,
+    # never against a URL rebuilt from the caller's X-Forwarded-Host.
+    webhook_inbound = {
+      TWILIO_WEBHOOK_BASE_URL = "https://${local.service_hosts.twilio_inbound}"
+    }
+    webhook_status = {
+      TWILIO_WEBHOOK_BASE_URL = "https://${local.service_hosts.twilio_status}"
+    }
     pubsub = {
       SWEEP_TOPIC   = google_pubsub_topic.sweep.name
       EVENTS_TOPIC  = google_pubsub_topic.events.name
@@ -231,7 +239,7 @@ locals {
       timeout_seconds = 30
       max_instances   = var.max_instances.twilio_inbound
       ingress         = "ALLOW_ALL"
-      env             = ["base", "database", "pubsub", "settings"]
+      env             = ["base", "database", "pubsub", "settings", "webhook_inbound"]
       secrets         = ["database_url", "supabase_service_key", "twilio_auth_token"]
       invokers        = {}
       public          = true
@@ -246,7 +254,7 @@ locals {
       timeout_seconds = 30
       max_instances   = var.max_instances.twilio_status
       ingress         = "ALLOW_ALL"
-      env             = ["base", "database", "pubsub", "settings"]
+      env             = ["base", "database", "pubsub", "settings", "webhook_status"]
       secrets         = ["database_url", "supabase_service_key", "twilio_auth_token"]
       invokers        = {}
       public          = true

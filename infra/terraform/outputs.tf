@@ -16,7 +16,7 @@ output "health_url" {
 output "twilio_webhook_urls" {
   description = "Set in Twilio: the number's \"A message comes in\" webhook (inbound); deliver_message passes the status callback itself."
   value = {
-    inbound = google_cloudfunctions2_function.fn["twilio_inbound"].service_config[0].uri
+    inbound = local.env.webhook_inbound.TWILIO_WEBHOOK_BASE_URL
     status  = local.env.status_callback.STATUS_CALLBACK_URL
   }
 }

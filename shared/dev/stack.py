@@ -325,7 +325,9 @@ class LocalStack:
             return
 
         def tick() -> None:
-            while not self._stopping.wait(self.sweep_interval):
+            # The first sweep at once: health answers sweep_stale until one has run, and the data of
+            # an earlier run may hold overdue rows.
+            while True:
                 try:
                     if self._pubsub is not None:
                         self.publish_sweep()
@@ -333,6 +335,8 @@ class LocalStack:
                         self.post_json(self.url_of("process_queue"), {})
                 except Exception as exc:  # a missed tick is retried at the next one
                     log.warning("sweep trigger failed: %s", exc)
+                if self._stopping.wait(self.sweep_interval):
+                    return
 
         self._scheduler = threading.Thread(target=tick, name="dev-scheduler", daemon=True)
         self._scheduler.start()

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from shared import models, segments
 from shared.domain import AccountCaps, Admission, Limits, StoredMessage
+from shared.log import scrub
 from shared.store import decode
 
 
@@ -64,7 +65,11 @@ class SqlStore:
         self._driver = driver
 
     def call(self, function: str, /, **args: Any) -> Any:
-        """Every method goes through here: tests and the bench override it to count round trips."""
+        """Every method goes through here: tests and the bench override it to count round trips.
+        An `error` text is scrubbed of phone numbers first: it is stored (last_error, the decision
+        log) and answered to agents (lastError)."""
+        if isinstance(args.get("error"), str):
+            args["error"] = scrub(args["error"])
         return self._driver.call(function, **args)
 
     def close(self) -> None:

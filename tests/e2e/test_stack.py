@@ -77,3 +77,17 @@ def _wait(stack: LocalStack, count: int, timeout: float) -> list[dict[str, objec
             return found
         time.sleep(0.05)
     raise AssertionError(f"expected {count} message(s) at the sink within {timeout} s, got {found}")
+
+
+def test_health_is_healthy_right_after_start_not_a_minute_later(stack: LocalStack) -> None:
+    """The first sweep runs when the stack starts (as a deployment's Cloud Scheduler would have run
+    one in the last minute), so health does not answer 503 for the first minute."""
+    import time
+
+    deadline = time.monotonic() + 20
+    code, body = stack.get_json(stack.url_of("health"))
+    while code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        code, body = stack.get_json(stack.url_of("health"))
+    assert code == 200, body
+    assert body["stats"]["processorRunning"] is True

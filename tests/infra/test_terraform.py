@@ -240,6 +240,13 @@ def test_each_function_gets_what_its_code_uses() -> None:
             assert {"EVENTS_TOPIC", "INBOUND_TOPIC"} <= env, f"{name} publishes events"
         if "signature" in uses:
             assert "TWILIO_AUTH_TOKEN" in secrets, f"{name} checks Twilio's signature"
+            # ...against the exact URL Twilio signs, its own deterministic one, never a URL rebuilt
+            # from the caller's X-Forwarded-Host.
+            group = {"twilio_inbound": "webhook_inbound", "twilio_status": "webhook_status"}[name]
+            assert group in functions()[name]["env"], name
+            assert config().locals["env"][group]["TWILIO_WEBHOOK_BASE_URL"] == (
+                f"https://${{local.service_hosts.{name}}}"
+            )
     # deliver_message gives Twilio its status callback: twilio_status's URL.
     assert config().locals["env"]["status_callback"]["STATUS_CALLBACK_URL"] == (
         "https://${local.service_hosts.twilio_status}"

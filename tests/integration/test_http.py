@@ -317,3 +317,33 @@ def test_concurrent_requests_with_one_idempotency_key_make_one_message(
     assert sorted(r.created for r in results) == [False] * 7 + [True]
     assert sql(database_url, "select count(*) from message_queue") == [(1,)]
     assert len(tasks.tasks) == 1
+
+
+def test_json_nested_too_deeply_is_a_400_not_a_500(schedule_client: FlaskClient, database_url: str) -> None:
+    before = table_counts(database_url)
+    body = "[" * 20_000 + "]" * 20_000
+    resp = schedule_client.post("/", data=body, content_type="application/json")
+    assert resp.status_code == 400, resp.get_data(as_text=True)[:200]
+    assert resp.get_json()["errors"] == [{"field": "body", "reason": "JSON nested too deeply"}]
+    assert table_counts(database_url) == before
+
+
+def test_an_error_text_is_stored_and_answered_without_the_phone_number(
+    schedule_client: FlaskClient, store: PostgresStore, database_url: str
+) -> None:
+    user = make_user(store, phone="+15550009876")
+    message_id = uuid.UUID(
+        schedule_client.post("/", json=load("valid.json", userId=str(user))).get_json()["messageId"]
+    )
+    twilio_text = "HTTP 400: The 'To' number +15550009876 is not a valid phone number (21211)"
+    assert store.fail(message_id, error=twilio_text, reason="twilio_rejected", now=T0)
+    stored = row(database_url, message_id)["last_error"]
+    assert stored == "HTTP 400: The 'To' number [phone] is not a valid phone number (21211)"
+    answered = schedule_client.get(f"/messages/{message_id}").get_json()["lastError"]
+    assert answered == stored and "9876" not in answered
+    logged = sql(
+        database_url,
+        "select error from agent_actions_log where message_id = %s and error is not null",
+        message_id,
+    )
+    assert all("9876" not in (e or "") for (e,) in logged)
