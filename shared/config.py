@@ -13,7 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from shared import identity
-from shared.domain import AccountCaps, Limits, Policy
+from shared.domain import AccountCaps, Limits, Policy, longest_delivery_seconds
 
 _LIMITS = Limits()
 _POLICY = Policy()
@@ -205,6 +205,13 @@ class Settings:
             unit=_choice(e, "ACCOUNT_CAPS_UNIT", AccountCaps.unit, ("messages", "segments")),
         )
         values["limits"] = _limits(e)
+        longest = longest_delivery_seconds(values["twilio_timeout_seconds"])
+        if values["lease_seconds"] < longest:
+            # A live sender whose lease lapses races the sweep's reconciler for the same message.
+            raise ValueError(
+                f"CLAIM_LEASE_SECONDS must be at least {longest} (the longest delivery with"
+                f" TWILIO_TIMEOUT_SECONDS={values['twilio_timeout_seconds']}), got {values['lease_seconds']}"
+            )
         values["caller_identity"] = (_str(e, "CALLER_IDENTITY") or cls.caller_identity).lower()
         if values["caller_identity"] not in identity.MODES:
             raise ValueError(f"CALLER_IDENTITY must be one of {', '.join(identity.MODES)}")

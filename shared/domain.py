@@ -28,6 +28,19 @@ FINAL_STATUSES = frozenset({SENT, FAILED, SUPERSEDED, CANCELLED, EXPIRED})
 
 
 DEFAULT_PART_DELAY_SECONDS = 1
+MIN_PARTS, MAX_PARTS = 2, 5  # a sequence's parts
+MAX_PART_DELAY_SECONDS = 10  # the longest pause before a part
+# What a delivery does besides Twilio's calls and the pauses (the claim, the records), at most.
+DELIVERY_MARGIN_SECONDS = 20
+
+
+def longest_delivery_seconds(twilio_timeout_seconds: int) -> int:
+    """The longest a delivery can take from its claim to its record: the longest sequence, each of
+    its parts a Twilio call that may take its connect and its read timeout, and the longest pauses
+    between them. (Renders happen before the claim.) The claim's lease and deliver_message's
+    timeout are at least this (shared/config.py checks the lease; a test the deployed timeout)."""
+    calls = MAX_PARTS * 2 * twilio_timeout_seconds
+    return calls + (MAX_PARTS - 1) * MAX_PART_DELAY_SECONDS + DELIVERY_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)
@@ -284,7 +297,7 @@ class Policy:
 
     limits: Limits = field(default_factory=Limits)
     max_attempts: int = 5
-    lease_seconds: int = 120
+    lease_seconds: int = 240  # past the longest delivery and deliver_message's timeout (180 s)
     max_content_length: int = 1600
     reconcile_after_seconds: int = 30
     sweep_grace_seconds: int = 120

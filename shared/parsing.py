@@ -14,7 +14,16 @@ from itertools import chain
 from typing import Any
 
 from shared import segments
-from shared.domain import DEFAULT_PART_DELAY_SECONDS, PRIORITIES, Part, Policy, needs_render
+from shared.domain import (
+    DEFAULT_PART_DELAY_SECONDS,
+    MAX_PART_DELAY_SECONDS,
+    MAX_PARTS,
+    MIN_PARTS,
+    PRIORITIES,
+    Part,
+    Policy,
+    needs_render,
+)
 from shared.errors import ValidationError
 from shared.models import iso, validate_structured
 
@@ -24,8 +33,6 @@ SCHEDULE_FIELDS = frozenset({"userId", "agentId", "messageData", "priority", "ca
 PART_FIELDS = frozenset({"content", "delaySeconds"})
 MAX_AGENT_ID = 100
 MAX_TOPIC_KEY = 100
-MIN_PARTS, MAX_PARTS = 2, 5
-MAX_PART_DELAY_SECONDS = 10
 MAX_IDEMPOTENCY_KEY = 255
 CANCEL_FIELDS = frozenset({"agentId", "reason"})
 MAX_CANCEL_REASON = 500

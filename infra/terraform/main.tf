@@ -169,7 +169,7 @@ locals {
       description     = "Delivers one message when its Cloud Task fires: re-checks the policy, claims, sends through Twilio."
       memory          = "512Mi"
       cpu             = "1"
-      timeout_seconds = 60
+      timeout_seconds = 180 # the longest delivery: 5 parts, their Twilio calls and pauses (shared.domain)
       max_instances   = var.delivery_concurrency
       ingress         = "ALLOW_INTERNAL_ONLY"
       env             = ["base", "database", "tasks", "twilio", "status_callback", "pubsub", "settings"]

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from shared.config import Settings
+from shared.domain import longest_delivery_seconds
 from tests.infra.hcl import ROOT, TF_DIR, Block, Config, entry_points, squash
 
 README = ROOT / "README.md"
@@ -358,6 +359,22 @@ def test_sweep_has_time_for_its_budget() -> None:
     timeout = functions()["sweep_queue"]["timeout_seconds"]
     assert timeout >= 60 and timeout >= budget + 30, f"sweep timeout {timeout}s, budget {budget}s"
     assert functions()["process_queue"]["timeout_seconds"] >= budget + 30
+
+
+def test_a_delivery_never_outlives_its_function_or_its_claim() -> None:
+    """The longest sequence (5 parts, each Twilio call up to its connect and read timeouts, the
+    longest pauses) fits in deliver_message's timeout, and the claim's lease outlasts the function:
+    a sender still running can never find its lease taken by the sweep's reconciler."""
+    settings = Settings.from_env({})
+    longest = longest_delivery_seconds(settings.twilio_timeout_seconds)
+    timeout = functions()["deliver_message"]["timeout_seconds"]
+    assert longest <= timeout < settings.lease_seconds, (longest, timeout, settings.lease_seconds)
+    condition = str(config().variables["settings"].block("validation")["condition"])
+    # Either may be tuned in var.settings: shared/config.py refuses a lease shorter than the longest
+    # delivery for the timeout it is given.
+    assert "CLAIM_LEASE_SECONDS" in condition and "TWILIO_TIMEOUT_SECONDS" in condition
+    with pytest.raises(ValueError, match="CLAIM_LEASE_SECONDS must be at least 280"):
+        Settings.from_env({"TWILIO_TIMEOUT_SECONDS": "22", "CLAIM_LEASE_SECONDS": "240"})
 
 
 # --- who may invoke what ----------------------------------------------------------------------------

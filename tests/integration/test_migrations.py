@@ -46,6 +46,7 @@ REDEFINED = {
     "mq_upsert_user": "20261203000011_compliance.sql",
     "mq_emit": "20261203000008_event_agent_attribute.sql",
     "mq_inbound": "20261203000012_consent.sql",
+    "mq_record_part": "20261203000015_record_part_token.sql",
     "mq_enqueue": "20261203000013_segments.sql",
     "mq_message_doc": "20261203000013_segments.sql",
     "mq_insert_parts": "20261203000013_segments.sql",

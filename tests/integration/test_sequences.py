@@ -447,3 +447,35 @@ def test_sequences_under_twilio_faults_send_every_part_exactly_once(
         sql(database_url, "select action_type, count(*) from agent_actions_log group by action_type")
     )
     assert actions.get("reconciled", 0) >= 5 and actions.get("part_sent", 0) > 0
+
+
+def test_a_sender_that_lost_its_claim_mid_sequence_stops_and_its_part_is_kept(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+) -> None:
+    """The sender pauses between parts; meanwhile its claim goes to another holder (the sweep's
+    reconciler after a lapsed lease takes it with a new token). The part the sender then sends is
+    recorded (it went out: never again), but the sender stops there: one holder acts, not two."""
+    user = make_user(store, phone="+15552220019")
+    seq = schedule_sequence(store, tasks, user, T0)
+
+    def taken_over(seconds: float) -> None:
+        clock.advance(timedelta(seconds=seconds))
+        sql(
+            database_url,
+            "update message_queue set claim_token = gen_random_uuid() where id = %s",
+            seq.message.id,
+        )
+
+    outcome = service.deliver(
+        {"messageId": str(seq.message.id), "generation": 0},
+        store=store, tasks=tasks, sms=twilio_sender, config=POLICY, clock=clock, sleep=taken_over,
+    )  # fmt: skip
+    assert (outcome.action, outcome.reason) == ("skipped", "claim_lost")
+    assert [m["body"] for m in sms_sink.messages()] == [p["content"] for p in PARTS[:2]]
+    assert [p[1] for p in parts(database_url, seq.message.id)] == ["sent", "sent", "pending"]
+    assert row(database_url, seq.message.id)["status"] == "sending"  # the new holder settles it
