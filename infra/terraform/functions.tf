@@ -24,7 +24,7 @@ resource "google_cloudfunctions2_function" "fn" {
   }
 
   service_config {
-    service_account_email            = google_service_account.runtime.email
+    service_account_email            = each.value.account == "webhooks" ? google_service_account.webhooks.email : google_service_account.runtime.email
     available_memory                 = each.value.memory
     available_cpu                    = each.value.cpu
     timeout_seconds                  = each.value.timeout_seconds
@@ -74,7 +74,7 @@ resource "google_cloudfunctions2_function" "fn" {
   }
 
   depends_on = [
-    google_secret_manager_secret_iam_member.runtime_reads,
+    google_secret_manager_secret_iam_member.reads,
     google_storage_bucket_iam_member.build_reads_source,
     google_artifact_registry_repository_iam_member.build_writes_images,
     google_project_iam_member.build_log_writer,

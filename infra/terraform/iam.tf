@@ -1,7 +1,10 @@
 # Service accounts, each with only what its job needs. Grants sit on the resource they are about
 # (the queue, a secret, a topic, a bucket, one function), not on the project, except log writing.
 #
-#   runtime    every function runs as it: creates tasks, reads its secrets, publishes events
+#   runtime    the functions but the webhooks run as it: creates tasks, reads their secrets,
+#              publishes events
+#   webhooks   Twilio's public webhooks run as it: reads the database and Twilio auth token secrets
+#              and publishes events, nothing else (no tasks, no task identity, no Anthropic key)
 #   tasks      the identity in the tasks' OIDC token: may invoke deliver_message, nothing else
 #   scheduler  the identity of the sweep's Eventarc trigger: may invoke sweep_queue, nothing else
 #              (Cloud Scheduler itself publishes to the sweep topic as its service agent)
@@ -11,6 +14,12 @@ resource "google_service_account" "runtime" {
   account_id   = "orchestrator-runtime"
   display_name = "Message orchestrator: functions runtime"
   description  = "Runs every function; creates delivery tasks, reads the functions' secrets, publishes events."
+}
+
+resource "google_service_account" "webhooks" {
+  account_id   = "orchestrator-webhooks"
+  display_name = "Message orchestrator: Twilio webhooks"
+  description  = "Runs twilio_inbound and twilio_status, the public functions: reads their secrets, publishes events."
 }
 
 resource "google_service_account" "tasks" {
@@ -36,6 +45,12 @@ resource "google_project_iam_member" "runtime_log_writer" {
   project = var.project
   role    = "roles/logging.logWriter"
   member  = google_service_account.runtime.member
+}
+
+resource "google_project_iam_member" "webhooks_log_writer" {
+  project = var.project
+  role    = "roles/logging.logWriter"
+  member  = google_service_account.webhooks.member
 }
 
 resource "google_project_iam_member" "build_log_writer" {

@@ -142,14 +142,23 @@ locals {
   )
   secrets = { for k, v in local.secret_catalog : k => v if !contains(local.unused_secrets, k) }
 
-  # The functions. Each entry: entry_point (the Python function in functions/main.py), the service
-  # name, sizing, ingress, the env groups and secrets it gets, who may invoke it (public: anyone,
+  # The secrets each service account reads: those of the functions that run as it.
+  secret_readers = merge([
+    for fn, cfg in local.functions : {
+      for k in cfg.secrets : "${cfg.account}/${k}" => { account = cfg.account, secret = k }
+      if contains(keys(local.secrets), k) && local.secrets[k].env != ""
+    }
+  ]...)
+
+  # The functions. Each entry: entry_point (the Python function in functions/main.py), the
+  # service account it runs as (runtime, or webhooks for the public ones), the service name, sizing, ingress, the env groups and secrets it gets, who may invoke it (public: anyone,
   # for Twilio's webhooks only), and its event trigger (null: HTTP). Secrets a deployment does not
   # use (local.unused_secrets) are skipped. A new entry point in functions/main.py gets an entry
   # here (tests/infra/test_terraform.py fails until it has one).
   functions = {
     schedule_message = {
       entry_point     = "schedule_message"
+      account         = "runtime"
       name            = local.service_names.schedule_message
       description     = "Agents schedule a message (POST) and read its status (GET /messages/<id>)."
       memory          = "512Mi"
@@ -165,6 +174,7 @@ locals {
     }
     deliver_message = {
       entry_point     = "deliver_message"
+      account         = "runtime"
       name            = local.service_names.deliver_message
       description     = "Delivers one message when its Cloud Task fires: re-checks the policy, claims, sends through Twilio."
       memory          = "512Mi"
@@ -180,6 +190,7 @@ locals {
     }
     sweep_queue = {
       entry_point     = "sweep_queue"
+      account         = "runtime"
       name            = local.service_names.sweep_queue
       description     = "The safety net, every minute from the sweep topic: expiry, reconciliation with Twilio, lost and far-future tasks, events."
       memory          = "512Mi"
@@ -200,6 +211,7 @@ locals {
     }
     process_queue = {
       entry_point     = "process_queue"
+      account         = "runtime"
       name            = local.service_names.process_queue
       description     = "Operators: one sweep now, answering its counts."
       memory          = "512Mi"
@@ -215,6 +227,7 @@ locals {
     }
     health = {
       entry_point     = "health"
+      account         = "runtime"
       name            = local.service_names.health
       description     = "Queue statistics; 503 when the database is down or the sweep is stale."
       memory          = "512Mi"
@@ -232,6 +245,7 @@ locals {
     # X-Twilio-Signature, checked against TWILIO_AUTH_TOKEN before anything is read (shared/web.py).
     twilio_inbound = {
       entry_point     = "twilio_inbound"
+      account         = "webhooks"
       name            = local.service_names.twilio_inbound
       description     = "Twilio's incoming-message webhook (signed): records replies, STOP/START/HELP, publishes inbound events."
       memory          = "512Mi"
@@ -247,6 +261,7 @@ locals {
     }
     twilio_status = {
       entry_point     = "twilio_status"
+      account         = "webhooks"
       name            = local.service_names.twilio_status
       description     = "Twilio's status callback (signed): delivered, undelivered and failed receipts."
       memory          = "512Mi"

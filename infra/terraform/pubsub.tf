@@ -90,6 +90,14 @@ resource "google_pubsub_topic_iam_member" "runtime_publishes" {
   member = google_service_account.runtime.member
 }
 
+resource "google_pubsub_topic_iam_member" "webhooks_publish" {
+  for_each = local.agent_topics
+
+  topic  = each.value.name
+  role   = "roles/pubsub.publisher"
+  member = google_service_account.webhooks.member
+}
+
 # Each agent type pulls from its own subscription per topic (orchestrator-events-<type>,
 # orchestrator-inbound-<type>), so every agent type gets every event meant for it, whatever the
 # other types do. A message nacked or left unacked max_delivery_attempts times goes to the

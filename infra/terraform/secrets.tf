@@ -33,12 +33,13 @@ resource "google_secret_manager_secret" "secret" {
   }
 }
 
-# The runtime reads the secrets the functions use; the migrations secret is read only by the
-# deployer (Cloud Build), which has Secret Manager access of its own.
-resource "google_secret_manager_secret_iam_member" "runtime_reads" {
-  for_each = { for k, v in local.secrets : k => v if v.env != "" }
+# Each service account reads the secrets of the functions that run as it (the webhooks' account:
+# the database and the Twilio auth token only); the migrations secret is read only by the deployer
+# (Cloud Build), which has Secret Manager access of its own.
+resource "google_secret_manager_secret_iam_member" "reads" {
+  for_each = local.secret_readers
 
-  secret_id = google_secret_manager_secret.secret[each.key].id
+  secret_id = google_secret_manager_secret.secret[each.value.secret].id
   role      = "roles/secretmanager.secretAccessor"
-  member    = google_service_account.runtime.member
+  member    = each.value.account == "webhooks" ? google_service_account.webhooks.member : google_service_account.runtime.member
 }

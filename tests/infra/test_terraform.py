@@ -174,7 +174,10 @@ def test_every_function_has_explicit_memory_timeout_instances_and_environment() 
     assert ref(sc["timeout_seconds"]) == "each.value.timeout_seconds"
     assert ref(sc["max_instance_count"]) == "each.value.max_instances"
     assert ref(sc["ingress_settings"]) == "each.value.ingress"
-    assert ref(sc["service_account_email"]) == "google_service_account.runtime.email"
+    assert squash(sc["service_account_email"]) == squash(
+        '${each.value.account == "webhooks" ? google_service_account.webhooks.email'
+        " : google_service_account.runtime.email}"
+    )
     env_expr = squash(sc["environment_variables"])
     assert "each.value.env" in env_expr and "local.env[group]" in env_expr
 
@@ -496,13 +499,43 @@ def test_functions_read_credentials_from_secret_manager() -> None:
     imports = [i for i in config().imports if "google_secret_manager_secret.secret" in squash(i["to"])]
     assert len(imports) == 1, "the operator's secrets are adopted with one import block"
     assert ref(imports[0]["for_each"]) == "local.secrets"
-    reads = config().resource("google_secret_manager_secret_iam_member", "runtime_reads")
+    reads = config().resource("google_secret_manager_secret_iam_member", "reads")
     assert reads["role"] == "roles/secretmanager.secretAccessor"
-    assert ref(reads["member"]) == "google_service_account.runtime.member"
-    assert "google_secret_manager_secret.secret[each.key]" in squash(reads["secret_id"])
+    assert ref(reads["for_each"]) == "local.secret_readers"
+    assert "google_secret_manager_secret.secret[each.value.secret]" in squash(reads["secret_id"])
+    assert "google_service_account.webhooks.member" in squash(reads["member"])
     for name, fn in functions().items():
         unknown = set(fn["secrets"]) - set(catalog)
         assert not unknown, f"{name}: unknown secrets {unknown}"
+
+
+def test_the_public_webhooks_run_as_an_account_that_can_do_little() -> None:
+    """twilio_inbound and twilio_status are public (Twilio cannot show a Google identity): they run
+    as their own account, which reads only the database and the Twilio auth token, publishes events,
+    and can neither create tasks nor mint the tasks' identity nor read the Anthropic key."""
+    fns = functions()
+    assert {name for name, fn in fns.items() if fn["account"] == "webhooks"} == {
+        "twilio_inbound",
+        "twilio_status",
+    }
+    assert {fn["account"] for name, fn in fns.items() if not name.startswith("twilio_")} == {"runtime"}
+    for name in ("twilio_inbound", "twilio_status"):
+        assert set(fns[name]["secrets"]) <= {"database_url", "supabase_service_key", "twilio_auth_token"}, (
+            name
+        )
+    webhooks = "google_service_account.webhooks.member"
+    members = {
+        (rtype, rname): squash(block.get("member", ""))
+        for rtype, rname, block in config().all_resources()
+        if "member" in block
+    }
+    granted = {key for key, member in members.items() if webhooks in member}
+    assert {key[0] for key in granted} == {
+        "google_project_iam_member",  # log writing
+        "google_secret_manager_secret_iam_member",  # its functions' secrets (local.secret_readers)
+        "google_pubsub_topic_iam_member",  # events and inbound
+    }, granted
+    assert ("google_project_iam_member", "webhooks_log_writer") in granted
 
 
 # --- monitoring ---------------------------------------------------------------------------------------
