@@ -200,3 +200,13 @@ def _queued_times(database_url: str, user: uuid.UUID) -> list[datetime]:
         database_url, "select scheduled_for from message_queue where user_id = %s and status = 'queued'", user
     )
     return [r[0] for r in rows]
+
+
+def test_messages_without_a_topic_count_against_a_request_with_one(
+    client: FlaskClient, store: PostgresStore
+) -> None:
+    user = make_user(store)
+    for i in range(3):
+        assert client.post("/", json=body(user, agent=f"agent_{i}")).status_code == 201
+    resp = client.post("/", json=body(user, topicKey="weather"))
+    assert resp.status_code == 429 and resp.get_json()["queued"] == 3

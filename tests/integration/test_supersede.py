@@ -132,3 +132,24 @@ def test_a_sequence_over_http(client: FlaskClient, store: PostgresStore) -> None
     state = client.get(f"/messages/{answer['messageId']}").get_json()
     assert [p["content"] for p in state["parts"]] == [p["content"] for p in payload["sequence"]]
     assert [p["status"] for p in state["parts"]] == ["pending"] * 3
+
+
+def test_a_superseding_message_takes_the_place_of_the_one_it_replaces(
+    client: FlaskClient, store: PostgresStore
+) -> None:
+    """Its plan does not count the messages it replaces as still queued: weather v2 gets v1's slot,
+    not the one after it, and another agent's later message does not take v1's freed slot first."""
+    user = make_user(store)
+    first = client.post("/", json=body(user, "hello")).get_json()  # T0
+    v1 = client.post("/", json=body(user, "Rain at 6", topicKey="weather")).get_json()  # after the cooldown
+    assert (first["scheduledFor"], v1["scheduledFor"]) == (
+        "2025-06-02T15:00:00.000Z",
+        "2025-06-02T15:00:30.000Z",
+    )
+    v2 = client.post("/", json=body(user, "Rain at 7", topicKey="weather")).get_json()
+    assert v2["superseded"] == [v1["messageId"]]
+    assert (v2["scheduledFor"], v2["reason"], v2["blockedBy"]) == (
+        v1["scheduledFor"],
+        "cooldown",
+        ["cooldown"],
+    )

@@ -33,7 +33,8 @@ begin
     if p_user_queue_limit is not null then
         select count(*) into v_queued from message_queue q
         where q.user_id = p_user_id and q.status = 'queued'
-          and not (p_topic_key is not null and q.topic_key = p_topic_key and q.agent_id = p_agent_id);
+          -- coalesce: a row without a topic (null = anything is null) is counted
+          and not coalesce(q.topic_key = p_topic_key and q.agent_id = p_agent_id, false);
         if v_queued >= p_user_queue_limit then
             return jsonb_build_object('error', 'user_queue_full', 'queued', v_queued,
                                       'limit', p_user_queue_limit);

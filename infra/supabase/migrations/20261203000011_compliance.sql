@@ -9,8 +9,9 @@
 -- * message_queue.transactional: the agent marked the message transactional; if the agent is
 --   allowed to (URGENT_AGENTS), the legal calling hours do not hold it back.
 -- * mq_user_context answers the topic's recent sends and queued messages (topic_sends,
---   topic_reservations), for the states that limit messages per topic; mq_delivery_context passes
---   the message's topic.
+--   topic_reservations), for the states that limit messages per topic, and leaves out of the
+--   reservations the asking agent's queued messages on the topic (the new one supersedes them: it
+--   takes their place, not the slot after them); mq_delivery_context passes the message's topic.
 -- mq_upsert_user takes a null p_timezone to mean "not known" (same parameters as before), and
 -- mq_enqueue takes p_transactional (default false, so the previous release's calls keep working).
 
@@ -236,6 +237,9 @@ begin
     from (select q.scheduled_for, q.priority from message_queue q
           where q.user_id = p_user_id and q.status = 'queued'
             and (p_exclude is null or q.id <> p_exclude)
+            -- the agent's queued messages on the topic are superseded by the one being planned:
+            -- it takes their place, not the slot after them
+            and not coalesce(q.topic_key = p_topic_key and q.agent_id = p_agent_id, false)
           order by q.scheduled_for) r;
     if p_topic_key is not null then
         select coalesce(jsonb_agg(q.slot_at order by q.slot_at), '[]'::jsonb) into v_topic_sends
