@@ -64,9 +64,19 @@ def _make_active(database_url: str, user_id: uuid.UUID, now: datetime) -> None:
 
 
 def _reset(database_url: str, user_ids: list[uuid.UUID]) -> None:
-    """A second run starts the demo users from a clean slate (their old messages would defer the new)."""
+    """A second run starts the demo users from a clean slate (their old messages would defer the new).
+    A demo user who replied STOP last time is opted back in, as an operator would, with its row in
+    the consent ledger (source `operator`): the demo must run again, and a STOP is something to try."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         for uid in user_ids:
+            opted_out = conn.execute(
+                "select opted_out_at is not null from users where id = %s", (uid,)
+            ).fetchone()
+            if opted_out and opted_out[0]:
+                reset = "select mq_record_consent(%s, 'opt_in', 'operator', %s, null, now())"
+                conn.execute(reset, (uid, "make dev: demo user reset"))
+                print(f"  demo user {uid} had replied STOP: opted back in for the demo (ledger: operator)")
+            conn.execute("update users set undeliverable_at = null where id = %s", (uid,))
             conn.execute("delete from message_queue where user_id = %s", (uid,))
             conn.execute("delete from user_message_budget where user_id = %s", (uid,))
             conn.execute("delete from messages where user_id = %s", (uid,))

@@ -46,3 +46,25 @@ def test_the_dev_stack_runs_the_demo_and_stops_cleanly(tmp_path: Path, database_
     assert "Stopped every process the stack started." in out
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", f"processes left running: {leftovers.stdout}"
+
+
+def test_a_demo_user_who_replied_stop_does_not_break_the_next_run(tmp_path: Path, database_url: str) -> None:
+    """Trying STOP on a demo user is what a newcomer does; the next `make dev` must still come up:
+    the demo opts its users back in, as an operator would, and the consent ledger says so."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        [(user,)] = conn.execute("select mq_upsert_user('+15550000202', 'UTC')->>'id'").fetchall()
+        conn.execute("select mq_record_consent(%s, 'opt_out', 'keyword', 'STOP', 'SM1', now())", (user,))
+    env = dict(os.environ, DATABASE_URL=database_url, COOLDOWN_SECONDS="3")
+    command = ["-m", "shared.dev.stack", "--exit-after-demo", "--free-ports", "--workdir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "had replied STOP: opted back in" in proc.stdout and "reason=quiet_hours" in proc.stdout
+    with psycopg.connect(database_url) as conn:
+        events = conn.execute(
+            "select event, source from consent_events where user_id = %s order by id", (user,)
+        ).fetchall()
+    assert events == [("opt_out", "keyword"), ("opt_in", "operator")]
