@@ -277,6 +277,10 @@ class StoredMessage:
     requires_fresh_context: bool = False
     render_attempts: int = 0
     transactional: bool = False
+    # What Twilio's status callbacks said of the delivery (GET only): delivered, undelivered, failed...
+    delivery_status: str | None = None
+    delivered_at: datetime | None = None
+    delivery_error_code: str | None = None
     # Of the text to send (a sequence: the parts' total); None while a structured text is unrendered.
     segments: Segments | None = None
 

@@ -59,6 +59,9 @@ def message_json(m: StoredMessage) -> dict[str, Any]:
         "attempts": m.attempts,
         "expiresAt": iso(m.expires_at),
         "twilioMessageSid": m.twilio_message_sid,
+        "deliveryStatus": m.delivery_status,
+        "deliveredAt": iso(m.delivered_at),
+        "deliveryErrorCode": m.delivery_error_code,
         "topicKey": m.topic_key,
         "supersededBy": str(m.superseded_by) if m.superseded_by else None,
         **segments_json(m.segments),  # a sequence: the parts' total

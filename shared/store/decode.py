@@ -112,6 +112,9 @@ def message(row: dict[str, Any]) -> StoredMessage:
         requires_fresh_context=bool(row.get("requires_fresh_context")),
         render_attempts=int(row.get("render_attempts") or 0),
         transactional=bool(row.get("transactional")),
+        delivery_status=(row.get("delivery") or {}).get("status"),
+        delivered_at=instant((row.get("delivery") or {}).get("delivered_at")),
+        delivery_error_code=(row.get("delivery") or {}).get("error_code"),
         segments=_segments(row),
     )
 

@@ -312,3 +312,28 @@ def test_events_reach_pubsub_and_survive_an_outage(
     assert attributes == {"eventType": "inbound_message", "userId": str(user), "agentType": "concierge"}
     data = json.loads(msg.message.data)
     assert data["body"] == "is it booked?" and data["from"] == "+15553330012"
+
+
+@pytest.mark.parametrize(
+    ("form", "expected"),
+    [
+        ({"MessageStatus": "delivered"}, ("delivered", "2025-06-02T15:00:00.000Z", None)),
+        ({"MessageStatus": "undelivered", "ErrorCode": "30006"}, ("undelivered", None, "30006")),
+    ],
+)
+def test_get_shows_what_twilio_said_of_the_delivery(
+    container: bootstrap.Container,
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    database_url: str,
+    form: dict[str, str],
+    expected: tuple[str | None, ...],
+) -> None:
+    _, sid = _sent_message(container, store, tasks, twilio_sender, "+15553330044")
+    [(message_id,)] = sql(database_url, "select id from message_queue where twilio_message_sid = %s", sid)
+    before = client("schedule_message").get(f"/messages/{message_id}").get_json()
+    assert (before["status"], before["deliveryStatus"], before["deliveredAt"]) == ("sent", "sent", None)
+    assert signed_post("twilio_status", {"MessageSid": sid, **form}).status_code == 200
+    after = client("schedule_message").get(f"/messages/{message_id}").get_json()
+    assert (after["deliveryStatus"], after["deliveredAt"], after["deliveryErrorCode"]) == expected

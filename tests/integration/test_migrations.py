@@ -29,7 +29,6 @@ CALLED_FROM_SQL_ONLY = {
     "mq_account_window_free_at": "the retry_at of a full account-wide window (mq_claim)",
     "mq_account_used": "the account's messages or segments in a rolling window (mq_claim)",
     "mq_admission": "the user's queue limit and the agent's rate (mq_user_context, mq_enqueue)",
-    "mq_record_consent": "a consent change and its ledger row (mq_inbound, mq_fail_opted_out)",
     "mq_sequence_segments": "a sequence's total segments from its parts (mq_enqueue, mq_record_part_render)",
 }
 
@@ -47,6 +46,7 @@ REDEFINED = {
     "mq_emit": "20261203000008_event_agent_attribute.sql",
     "mq_inbound": "20261203000012_consent.sql",
     "mq_record_part": "20261203000015_record_part_token.sql",
+    "mq_get": "20261203000016_message_delivery.sql",
     "mq_enqueue": "20261203000013_segments.sql",
     "mq_message_doc": "20261203000013_segments.sql",
     "mq_insert_parts": "20261203000013_segments.sql",
