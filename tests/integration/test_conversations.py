@@ -303,7 +303,7 @@ def test_events_reach_pubsub_and_survive_an_outage(
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
     up = PubSubPublisher(pubsub_v1.PublisherClient(), project=project, topics=topics)
     later = VirtualClock(T0 + timedelta(minutes=1))
-    assert service.drain_events(store=store, publisher=up, clock=later) == (1, 0)
+    assert service.drain_events(store=store, publisher=up, clock=later) == (1, 0, 0, False)
     assert sql(database_url, "select count(*) from events_outbox where published_at is null") == [(0,)]
     with subscriber_client(pubsub_emulator.host) as subscriber:
         received = subscriber.pull(subscription=sub, max_messages=10, timeout=10)
