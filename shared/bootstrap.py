@@ -8,6 +8,7 @@ in-process stand-ins only for what leaves the machine.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -46,9 +47,11 @@ class Container:
         events: EventPublisher | None = None,
         renderer: Renderer | None = None,
         clock: Callable[[], datetime] = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.monotonic = monotonic  # elapsed time, for time budgets (the virtual clock stands still)
         given = {"store": store, "tasks": tasks, "sms": sms, "events": events, "renderer": renderer}
         self._ports: dict[str, Any] = {name: port for name, port in given.items() if port is not None}
         self._lock = threading.Lock()

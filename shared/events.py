@@ -48,13 +48,19 @@ class PubSubPublisher:
             predicate=_RETRYABLE, initial=0.1, maximum=timeout_seconds, multiplier=4, timeout=timeout_seconds
         )
 
-    def publish(self, topic: str, data: bytes, attributes: dict[str, str]) -> str:
+    def publish(
+        self, topic: str, data: bytes, attributes: dict[str, str], *, timeout: float | None = None
+    ) -> str:
         path = self._paths.get(topic)
         if path is None:
             raise Unavailable(f"no Pub/Sub topic configured for {topic!r} events")
+        # A caller's shorter bound (a webhook's drain budget) bounds the retries too, so none runs on
+        # in the background after the caller was told it failed.
+        limit = self._timeout if timeout is None else max(0.001, min(timeout, self._timeout))
+        retry = self._retry if limit == self._timeout else self._retry.with_timeout(limit)
         try:
-            future = self._client.publish(path, data, retry=self._retry, timeout=self._timeout, **attributes)
-            return str(future.result(timeout=self._timeout))
+            future = self._client.publish(path, data, retry=retry, timeout=limit, **attributes)
+            return str(future.result(timeout=limit))
         except (google_exceptions.GoogleAPIError, TimeoutError, OSError) as exc:
             raise Unavailable(f"publishing to {path} failed: {type(exc).__name__}") from exc
         except Exception as exc:  # concurrent.futures errors and grpc's own; the outbox retries

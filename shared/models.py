@@ -259,6 +259,7 @@ class SweepReport:
     task_errors: int = 0
     events_published: int = 0
     events_failed: int = 0
+    row_errors: int = 0  # rows (messages, events) whose step raised: isolated, the batch went on
     batches: int = 0
 
     def counts(self) -> dict[str, int]:

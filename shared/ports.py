@@ -270,8 +270,11 @@ class Renderer(Protocol):
 class EventPublisher(Protocol):
     """Pub/Sub: events for agents. `topic` is logical ("events" or "inbound")."""
 
-    def publish(self, topic: str, data: bytes, attributes: dict[str, str]) -> str:
-        """Publish one message; returns its id. Raises shared.errors.Unavailable on failure."""
+    def publish(
+        self, topic: str, data: bytes, attributes: dict[str, str], *, timeout: float | None = None
+    ) -> str:
+        """Publish one message; returns its id. Raises shared.errors.Unavailable on failure, and
+        within `timeout` seconds, retries included, when given (else the adapter's own bound)."""
         ...
 
 

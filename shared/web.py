@@ -325,6 +325,9 @@ def sweep_event(event_id: str | None, c: Container) -> None:
     _sweep(c, f"pubsub:{event_id or '-'}")
 
 
+# The inline event drain's share of a twilio_inbound answer, its publishes' waits included.
+INBOUND_DRAIN_BUDGET_SECONDS = 1.0
+
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 _TWIML_REPLY = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>{}</Message></Response>'
 _LOOPBACK = ("127.0.0.1", "::1")
@@ -398,9 +401,18 @@ def _twilio_webhook(
 def twilio_inbound(request: flask.Request, c: Container) -> Response:
     def record(form: dict[str, str]) -> str | None:
         result = service.inbound(form, store=c.store, now=c.clock())
-        # Agents hear of the reply at once; if Pub/Sub is down the sweep publishes it later.
+        # Agents hear of the reply at once; if Pub/Sub is slow or down the sweep publishes it later.
+        # Bounded in time: Twilio gives a webhook 15 s and never retries it, and on Cloud Functions
+        # nothing can run after the answer.
         try:
-            service.drain_events(store=c.store, publisher=c.events, clock=c.clock, limit=20)
+            service.drain_events(
+                store=c.store,
+                publisher=c.events,
+                clock=c.clock,
+                limit=20,
+                budget_seconds=INBOUND_DRAIN_BUDGET_SECONDS,
+                monotonic=c.monotonic,
+            )
         except OrchestratorError as exc:
             event(
                 log, logging.WARNING, "twilio_inbound: event drain deferred to the sweep", error=exc.message

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time as _time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from shared import compliance
 from shared.errors import Unavailable
@@ -82,24 +84,60 @@ def status_callback(form: dict[str, str], *, store: Store, now: datetime) -> dic
     return result
 
 
+class Drained(NamedTuple):
+    """What one drain did: events published, failed for Pub/Sub's sake (`stopped` then: the rest
+    was not tried), isolated (the event itself made its publish raise: marked failed with its error,
+    the drain went on), and whether the drain stopped early (a publish failure or the time budget)."""
+
+    published: int
+    failed: int
+    isolated: int = 0
+    stopped: bool = False
+
+
 def drain_events(
-    *, store: Store, publisher: EventPublisher | None, clock: Clock, limit: int = 100, lease_seconds: int = 30
-) -> tuple[int, int]:
-    """Publish what waits in the outbox; (published, failed). A failure leaves the event for the next
-    drain (the sweep drains every minute), so Pub/Sub trouble never loses or blocks anything."""
+    *,
+    store: Store,
+    publisher: EventPublisher | None,
+    clock: Clock,
+    limit: int = 100,
+    lease_seconds: int = 30,
+    budget_seconds: float | None = None,
+    monotonic: Callable[[], float] = _time.monotonic,
+) -> Drained:
+    """Publish what waits in the outbox. A failure leaves the event for the next drain (the sweep
+    drains every minute), so Pub/Sub trouble never loses or blocks anything.
+
+    The drain stops at the first publish failure: in an outage every publish waits out its timeout,
+    so trying each event would hold the caller (a Twilio webhook) for the timeout times the batch.
+    `budget_seconds` bounds the whole drain (measured with `monotonic`): each publish may wait only
+    what is left of it, and none starts once it is spent. What was not tried keeps its lease and is
+    drained by a later drain once the lease ends."""
     if publisher is None:
-        return 0, 0
+        return Drained(0, 0)
+    deadline = None if budget_seconds is None else monotonic() + budget_seconds
     pending = store.events_pending(limit, lease_seconds=lease_seconds, now=clock())
     done: list[int] = []
     failed: list[int] = []
+    bad: list[tuple[int, str]] = []
     error = ""
+    stopped = False
     for e in pending:
-        data = json.dumps({"eventType": e.event_type, **e.payload}, default=str).encode()
+        timeout = None if deadline is None else deadline - monotonic()
+        if timeout is not None and timeout <= 0:
+            stopped = True
+            break
         try:
-            publisher.publish(e.topic, data, e.attributes)
+            data = json.dumps({"eventType": e.event_type, **e.payload}, default=str).encode()
+            publisher.publish(e.topic, data, e.attributes, timeout=timeout)
         except Unavailable as exc:
             failed.append(e.id)
             error = exc.message
+            stopped = True
+            break
+        except Exception as exc:
+            # This event's own fault (its data or attributes), not Pub/Sub's: the others go on.
+            bad.append((e.id, f"{type(exc).__name__}: {exc}"))
             continue
         done.append(e.id)
     if done:
@@ -109,8 +147,19 @@ def drain_events(
         event(
             log,
             logging.WARNING,
-            "events: publish failed; kept for the next drain",
+            "events: publish failed; the rest is kept for the next drain",
             failed=len(failed),
+            untried=len(pending) - len(done) - len(failed) - len(bad),
             error=error,
         )
-    return len(done), len(failed)
+    for event_id, why in bad:
+        store.events_failed([event_id], why, clock())
+        event(log, logging.ERROR, "events: an event could not be published", eventId=event_id, error=why)
+    if stopped and not failed:
+        event(
+            log,
+            logging.INFO,
+            "events: drain time budget spent; the rest is kept for the next drain",
+            untried=len(pending) - len(done) - len(bad),
+        )
+    return Drained(len(done), len(failed), len(bad), stopped)

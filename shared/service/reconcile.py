@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+from shared import policy
 from shared.domain import Policy
 from shared.errors import TransientSendError
 from shared.log import event
@@ -109,9 +110,26 @@ class _Reconciliation:
             sid=sid,
             body=claim.message.content,
             now=at,
-            local_date=rules.local_date(claim.timezone, at),
+            local_date=self._local_date(at),
             reconciled=True,
         )
+
+    def _local_date(self, at: datetime) -> str:
+        """The day the send counts on. Twilio has the message, so it is recorded whatever the
+        user's stored timezone says: for a timezone that is not an IANA name (set by hand, say) on
+        the UTC date, rather than failing the reconciliation on every sweep and never recording a
+        send the user got (the user's next messages fail with invalid_timezone at delivery)."""
+        if policy.is_timezone(self.claim.timezone):
+            return rules.local_date(self.claim.timezone, at)
+        event(
+            log,
+            logging.WARNING,
+            "reconcile: the user's timezone is unknown; the send counts on the UTC date",
+            messageId=str(self.claim.message.id),
+            timezone=self.claim.timezone,
+            **self.fields | {"reason": "invalid_timezone"},
+        )
+        return at.astimezone(UTC).date().isoformat()
 
     def _reconciled(self, text: str, **extra: Any) -> None:
         m = self.claim.message

@@ -21,7 +21,7 @@ from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.support.constants import MAIN, T0
 from tests.support.factories import make_user, row, sql, table_counts
-from tests.support.fakes import RecordingTaskQueue, VirtualClock
+from tests.support.fakes import RecordingPublisher, RecordingTaskQueue, VirtualClock
 
 TOKEN = "twilio-test-auth-token"
 URL = "http://localhost/"  # what the test client's requests look like from inside the function
@@ -303,7 +303,7 @@ def test_events_reach_pubsub_and_survive_an_outage(
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
     up = PubSubPublisher(pubsub_v1.PublisherClient(), project=project, topics=topics)
     later = VirtualClock(T0 + timedelta(minutes=1))
-    assert service.drain_events(store=store, publisher=up, clock=later) == (1, 0)
+    assert service.drain_events(store=store, publisher=up, clock=later) == (1, 0, 0, False)
     assert sql(database_url, "select count(*) from events_outbox where published_at is null") == [(0,)]
     with subscriber_client(pubsub_emulator.host) as subscriber:
         received = subscriber.pull(subscription=sub, max_messages=10, timeout=10)
@@ -312,6 +312,127 @@ def test_events_reach_pubsub_and_survive_an_outage(
     assert attributes == {"eventType": "inbound_message", "userId": str(user), "agentType": "concierge"}
     data = json.loads(msg.message.data)
     assert data["body"] == "is it booked?" and data["from"] == "+15553330012"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # closed again: connections to it are refused, as in a Pub/Sub outage
+
+
+def _waiting_events(store: PostgresStore, n: int) -> None:
+    """`n` inbound_message events in the outbox, as if earlier drains had all failed."""
+    for i in range(n):
+        sid = "SM" + uuid.uuid4().hex
+        store.inbound(f"+1555334{i:04d}", f"earlier {i}", sid, keyword=None, num_media=0, now=T0)
+
+
+class CountingPublisher:
+    """The real publisher, counting its publish calls and the timeouts it was given."""
+
+    def __init__(self, inner: PubSubPublisher) -> None:
+        self.inner = inner
+        self.timeouts: list[float | None] = []
+
+    def publish(
+        self, topic: str, data: bytes, attributes: dict[str, str], *, timeout: float | None = None
+    ) -> str:
+        self.timeouts.append(timeout)
+        if timeout is None:
+            return self.inner.publish(topic, data, attributes)
+        return self.inner.publish(topic, data, attributes, timeout=timeout)
+
+
+def test_a_pubsub_outage_does_not_hold_the_inbound_webhook(
+    container: bootstrap.Container,
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from google.cloud import pubsub_v1
+
+    _waiting_events(store, 5)
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{_closed_port()}")
+    # The deployed publisher, with its own 10 s bound per publish.
+    down = PubSubPublisher(pubsub_v1.PublisherClient(), project="outage", topics={"inbound": "inbound"})
+    counting = CountingPublisher(down)
+    container._ports["events"] = counting
+    started = time.monotonic()
+    resp = signed_post("twilio_inbound", inbound_form("+15553330020", "still on for tonight?"))
+    elapsed = time.monotonic() - started
+    # Twilio gives a webhook 15 s and never retries it: the answer comes within the drain's budget
+    # (1 s) and the request's own work, generously bounded here (behaviour, not a benchmark).
+    assert resp.status_code == 200 and elapsed < 3, elapsed
+    assert len(counting.timeouts) == 1 and 0 < (counting.timeouts[0] or 0) <= 1.0
+    assert sql(database_url, "select count(*) from messages where content = 'still on for tonight?'") == [
+        (1,)
+    ]
+    assert sql(database_url, "select count(*) from events_outbox where published_at is null") == [(6,)]
+    # The sweep drains the rest once Pub/Sub answers.
+    up = RecordingPublisher()
+    report = service.sweep(
+        store=store,
+        tasks=tasks,
+        sms=twilio_sender,
+        config=container.policy,
+        clock=VirtualClock(T0 + timedelta(minutes=1)),
+        trigger="test",
+        events=up,
+    )
+    assert report.events_published == 6 and len(up.published) == 6
+    assert sql(database_url, "select count(*) from events_outbox where published_at is null") == [(0,)]
+
+
+def test_a_drain_in_an_outage_makes_one_publish_attempt_not_one_per_event(
+    store: PostgresStore, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from google.cloud import pubsub_v1
+
+    _waiting_events(store, 4)
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{_closed_port()}")
+    down = PubSubPublisher(
+        pubsub_v1.PublisherClient(), project="outage", topics={"inbound": "inbound"}, timeout_seconds=1
+    )
+    counting = CountingPublisher(down)
+    drained = service.drain_events(store=store, publisher=counting, clock=VirtualClock(T0))
+    assert drained == (0, 1, 0, True) and counting.timeouts == [None]
+    rows = sql(database_url, "select published_at, last_error from events_outbox order by id")
+    assert [p for p, _ in rows] == [None] * 4
+    assert rows[0][1] and "failed" in rows[0][1] and [e for _, e in rows[1:]] == [None] * 3
+
+
+def test_the_drain_stops_when_its_time_budget_is_spent(store: PostgresStore, database_url: str) -> None:
+    _waiting_events(store, 5)
+    elapsed = [0.0]
+
+    class SlowPublisher(RecordingPublisher):
+        """Pub/Sub answering, slowly: each publish takes 0.4 s of the (injected) monotonic clock."""
+
+        def publish(
+            self, topic: str, data: bytes, attributes: dict[str, str], *, timeout: float | None = None
+        ) -> str:
+            assert timeout is not None and timeout <= 1.0 - elapsed[0] + 1e-9
+            elapsed[0] += 0.4
+            return super().publish(topic, data, attributes, timeout=timeout)
+
+    slow = SlowPublisher()
+    drained = service.drain_events(
+        store=store,
+        publisher=slow,
+        clock=VirtualClock(T0),
+        budget_seconds=1.0,
+        monotonic=lambda: elapsed[0],
+    )
+    # Publishes start at 0, 0.4 and 0.8 s; at 1.2 s the budget is spent and the rest waits.
+    assert drained == (3, 0, 0, True) and len(slow.published) == 3
+    assert sql(database_url, "select count(*) from events_outbox where published_at is null") == [(2,)]
 
 
 @pytest.mark.parametrize(

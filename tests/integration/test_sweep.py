@@ -20,7 +20,7 @@ from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.support.constants import T0
 from tests.support.factories import budget, make_user, row, schedule, sql
-from tests.support.fakes import RecordingTaskQueue, VirtualClock
+from tests.support.fakes import RecordingPublisher, RecordingTaskQueue, VirtualClock
 
 POLICY = service.Policy(limits=Limits(), max_attempts=3, lease_seconds=120, sweep_grace_seconds=120)
 
@@ -390,3 +390,225 @@ def test_a_batch_of_lost_tasks_is_recreated_several_at_a_time_and_failures_are_c
     assert {t.message_id for t in slow.tasks} == set(ids[3:])
     assert all(t.generation == 1 for t in slow.tasks)
     assert slow.most_in_flight > 1  # several Cloud Tasks calls were in flight together
+
+
+def _bad_timezone(database_url: str, user: uuid.UUID) -> None:
+    """A timezone that is not an IANA name, written by hand (the API refuses it)."""
+    sql(database_url, "update users set timezone = 'America/NewYork' where id = %s", user)
+
+
+@pytest.mark.parametrize("twilio_had_it", [True, False])
+def test_a_held_claim_of_a_user_with_an_unknown_timezone_does_not_stop_the_sweep(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    database_url: str,
+    twilio_had_it: bool,
+) -> None:
+    bad = make_user(store, phone="+15552230001")
+    held = schedule(store, tasks, bad, T0, policy=POLICY).message.id
+    with pytest.raises(Crash):
+        deliver(store, tasks, (CrashAfterSend if twilio_had_it else CrashBeforeSend)(twilio_sender), T0, held)
+    _bad_timezone(database_url, bad)
+    other = make_user(store, phone="+15552230002")
+    lost = schedule(store, tasks, other, T0, policy=POLICY).message.id
+    tasks.tasks.clear()  # the other user's task is lost
+    store.inbound("+15552230003", "hello?", "SM" + uuid.uuid4().hex, keyword=None, num_media=0, now=T0)
+    publisher = RecordingPublisher()
+
+    at = T0 + timedelta(minutes=3)
+    report = service.sweep(
+        store=store,
+        tasks=tasks,
+        sms=twilio_sender,
+        config=POLICY,
+        clock=VirtualClock(at),
+        trigger="test",
+        events=publisher,
+    )
+
+    # The rest of the sweep went on: the lost task re-created, the outbox drained.
+    assert report.overdue_requeued == 1 and [t.generation for t in tasks.for_message(lost)] == [1]
+    assert report.events_published >= 1 and publisher.published
+    assert sql(database_url, "select count(*) from events_outbox where published_at is null") == [(0,)]
+    r = row(database_url, held)
+    if twilio_had_it:
+        # It went out: recorded with Twilio's sid (never failed, which would invite a resend), its
+        # send counted on the UTC date for want of a local one.
+        [sent] = sms_sink.messages(to="+15552230001")
+        assert report.reconciled_sent == 1
+        assert (r["status"], r["twilio_message_sid"]) == ("sent", sent["sid"])
+        assert budget(database_url, bad) == {"2025-06-02": 1}
+    else:
+        # Twilio never got it: queued again, and its delivery fails it with invalid_timezone.
+        assert report.reconciled_requeued == 1 and r["status"] == "queued"
+        outcome = deliver(store, tasks, twilio_sender, at, held, r["task_generation"])
+        assert (outcome.action, outcome.reason) == ("failed", "invalid_timezone")
+        assert row(database_url, held)["status"] == "failed"
+        assert sms_sink.messages(to="+15552230001") == []
+    assert sql(database_url, "select count(*) from sweep_runs") == [(1,)]
+
+
+class FaultySms:
+    """The real twilio client, except that asking Twilio about one number raises `error`."""
+
+    def __init__(self, inner: TwilioSender, phone: str, error: Exception) -> None:
+        self.inner, self.phone, self.error = inner, phone, error
+
+    def send(self, to: str, body: str, *, message_id: uuid.UUID) -> str:
+        return self.inner.send(to, body, message_id=message_id)
+
+    def find_sent(self, to: str, body: str, *, since: datetime) -> Any:
+        if to == self.phone:
+            raise self.error
+        return self.inner.find_sent(to, body, since=since)
+
+
+class FaultyTasks(RecordingTaskQueue):
+    """Cloud Tasks whose creation raises a non-outage error for one message."""
+
+    def __init__(self, bad: set[uuid.UUID]) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def schedule(self, message_id: uuid.UUID, generation: int, at: datetime, now: datetime) -> str | None:
+        if message_id in self.bad:
+            raise ValueError("injected: a task name the queue refuses")
+        return super().schedule(message_id, generation, at, now)
+
+
+def _crashed_claim(
+    store: PostgresStore, tasks: RecordingTaskQueue, sms: TwilioSender, phone: str
+) -> uuid.UUID:
+    user = make_user(store, phone=phone)
+    mid = schedule(store, tasks, user, T0, policy=POLICY).message.id
+    with pytest.raises(Crash):
+        deliver(store, tasks, CrashAfterSend(sms), T0, mid)
+    return mid
+
+
+def test_a_row_whose_step_raises_is_isolated_in_every_stage_and_the_batch_goes_on(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from shared.policy import UnknownTimezone
+
+    # Reconcile: one claim's Twilio lookup raises a bug, another's a timezone error, a third is fine.
+    buggy = _crashed_claim(store, tasks, twilio_sender, "+15552240001")
+    tz = _crashed_claim(store, tasks, twilio_sender, "+15552240002")
+    fine = _crashed_claim(store, tasks, twilio_sender, "+15552240003")
+    sms = FaultySms(twilio_sender, "+15552240001", RuntimeError("injected: unreadable answer"))
+    tz_sms = FaultySms(sms, "+15552240002", UnknownTimezone("unknown timezone 'America/NewYork'"))
+    # Re-tasking: one overdue row's task creation raises, the other's works.
+    lost = [schedule(store, tasks, make_user(store), T0, policy=POLICY).message.id for _ in range(2)]
+    queue = FaultyTasks(bad={lost[0]})
+    # Draining: one event makes its publish raise, the others go out.
+    for n in range(3):
+        body = "poison" if n == 1 else f"hello {n}"
+        store.inbound(f"+155522410{n:02d}", body, "SM" + uuid.uuid4().hex, keyword=None, num_media=0, now=T0)
+    publisher = RecordingPublisher(refuse=b"poison")
+
+    report = service.sweep(
+        store=store,
+        tasks=queue,
+        sms=tz_sms,
+        config=POLICY,
+        clock=VirtualClock(T0 + timedelta(minutes=3)),
+        trigger="test",
+        events=publisher,
+    )
+
+    assert report.reconciled_sent == 1 and row(database_url, fine)["status"] == "sent"
+    assert row(database_url, buggy)["status"] == "sending"  # left for the next sweep
+    assert (row(database_url, tz)["status"], row(database_url, tz)["reason"]) == (
+        "failed",
+        "invalid_timezone",
+    )
+    assert report.overdue_requeued == 2 and [t.message_id for t in queue.tasks] == [lost[1]]
+    assert report.events_published == 4  # two inbound, fine's message.sent, tz's message.failed
+    assert report.row_errors == 4 and report.task_errors == 0
+    [(error,)] = sql(database_url, "select last_error from events_outbox where published_at is null")
+    assert error.startswith("TypeError")
+    logged = [r for r in caplog.records if r.getMessage().startswith("sweep: row failed")]
+    ids = sorted(r.fields["messageId"] for r in logged)  # type: ignore[attr-defined]
+    assert ids == sorted(str(m) for m in (buggy, tz, lost[0]))  # once each, with its error
+    assert all(r.fields["error"] for r in logged)  # type: ignore[attr-defined]
+    # The run counts as done: health sees a working sweep.
+    assert sql(database_url, "select counts->>'row_errors' from sweep_runs") == [("4",)]
+    # The next sweep, after the lease, tries the left row again.
+    later = service.sweep(
+        store=store,
+        tasks=queue,
+        sms=twilio_sender,
+        config=POLICY,
+        clock=VirtualClock(T0 + timedelta(minutes=6)),
+        trigger="test",
+    )
+    assert later.reconciled_sent == 1 and row(database_url, buggy)["status"] == "sent"
+
+
+class FailingStore(FlakyStore):
+    """The real store, except that the named method raises `error` every time."""
+
+    def __init__(self, inner: PostgresStore, method: str, error: Exception) -> None:
+        super().__init__(inner, method)
+        self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name != self.method:
+            return attr
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            raise self.error
+
+        return failing
+
+
+@pytest.mark.parametrize("method", ["take_stale_claims", "sweep_overdue", "events_pending"])
+def test_a_database_outage_still_aborts_the_sweep(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    database_url: str,
+    method: str,
+) -> None:
+    lost = schedule(store, tasks, make_user(store), T0, policy=POLICY).message.id
+    tasks.tasks.clear()
+    with pytest.raises(StoreUnavailable):
+        service.sweep(
+            store=FailingStore(store, method, StoreUnavailable()),
+            tasks=tasks,
+            sms=twilio_sender,
+            config=POLICY,
+            clock=VirtualClock(T0 + timedelta(minutes=3)),
+            trigger="test",
+            events=RecordingPublisher(),
+        )
+    assert sql(database_url, "select count(*) from sweep_runs") == [(0,)]
+    if method == "take_stale_claims":  # aborted before re-tasking
+        assert tasks.for_message(lost) == [] and row(database_url, lost)["task_generation"] == 0
+
+
+def test_a_stage_whose_batch_call_fails_does_not_skip_the_others(
+    store: PostgresStore, tasks: RecordingTaskQueue, twilio_sender: TwilioSender, database_url: str
+) -> None:
+    from shared.errors import StoreError
+
+    lost = schedule(store, tasks, make_user(store), T0, policy=POLICY).message.id
+    tasks.tasks.clear()
+    with pytest.raises(StoreError):
+        service.sweep(
+            store=FailingStore(store, "sweep_expire", StoreError("injected: rejected")),
+            tasks=tasks,
+            sms=twilio_sender,
+            config=POLICY,
+            clock=VirtualClock(T0 + timedelta(minutes=3)),
+            trigger="test",
+        )
+    assert [t.generation for t in tasks.for_message(lost)] == [1]  # re-tasking still ran
+    assert sql(database_url, "select count(*) from sweep_runs") == [(0,)]  # but not a working run

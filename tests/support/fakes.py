@@ -53,3 +53,22 @@ class VirtualClock:
     def advance(self, delta: timedelta) -> datetime:
         self.now += delta
         return self.now
+
+
+class RecordingPublisher:
+    """Pub/Sub as the sweep sees it: records what is published; `refuse` names data (a substring)
+    whose publish raises `error`, the way a malformed event makes the real client raise."""
+
+    def __init__(self, refuse: bytes | None = None, error: Exception | None = None) -> None:
+        self.published: list[tuple[str, bytes, dict[str, str]]] = []
+        self.refuse, self.error = refuse, error
+        self.calls = 0
+
+    def publish(
+        self, topic: str, data: bytes, attributes: dict[str, str], *, timeout: float | None = None
+    ) -> str:
+        self.calls += 1
+        if self.refuse is not None and self.refuse in data:
+            raise self.error or TypeError("attribute values must be strings")
+        self.published.append((topic, data, attributes))
+        return str(len(self.published))
