@@ -35,7 +35,7 @@ import psycopg
 from shared.domain import Limits
 from shared.errors import PermanentSendError, TransientSendError, Unavailable
 from shared.models import SentRecord
-from shared.sms import RECONCILE_CLOCK_SKEW, RECONCILE_LIST_LIMIT
+from shared.sms import RECONCILE_CLOCK_SKEW, RECONCILE_LIST_LIMIT, same_text
 from tests.support.fakes import VirtualClock
 
 HOUR = timedelta(hours=1)
@@ -279,12 +279,13 @@ FAULTS = (
 
 class FakeTwilio:
     """The SmsSender port in process. Records every accepted message with the virtual time; injects
-    transient faults (5xx, before or after Twilio created the message; 429), permanent faults for some numbers (21211 invalid, 21610
-    unsubscribed), timeouts after or without an accept (TransientSendError with maybe_sent) and
-    instance crashes around the call; `forced` scripts the fault of one message's next send.
+    transient faults (5xx, before or after Twilio created the message; 429), permanent faults for
+    some numbers (21211 invalid, 21610 unsubscribed), timeouts after or without an accept
+    (TransientSendError with maybe_sent) and instance crashes around the call; `forced` scripts
+    the fault of one message's next send.
 
     `find_sent` answers from the record the way TwilioSender.find_sent does against Twilio: the
-    recipient's newest RECONCILE_LIST_LIMIT messages, newest first, the first with the same body
+    recipient's newest RECONCILE_LIST_LIMIT messages, newest first, the first with the same body (same_text)
     accepted no earlier than `since` less RECONCILE_CLOCK_SKEW."""
 
     def __init__(
@@ -358,7 +359,9 @@ class FakeTwilio:
         floor = since - RECONCILE_CLOCK_SKEW
         with self._lock:
             newest = list(reversed(self.by_to.get(to, [])[-RECONCILE_LIST_LIMIT:]))
-        return [SentRecord(sid=m.sid, sent_at=m.at) for m in newest if m.body == body and m.at >= floor]
+        return [
+            SentRecord(sid=m.sid, sent_at=m.at) for m in newest if same_text(m.body, body) and m.at >= floor
+        ]
 
     def faults_injected(self) -> int:
         s = self.stats.snapshot()
