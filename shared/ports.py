@@ -303,6 +303,7 @@ class SmsSender(Protocol):
     def find_sent(self, to: str, body: str, *, since: datetime) -> list[SentRecord]:
         """The provider's records of messages with this body to `to`, accepted at or after `since`,
         newest first (several messages may share a text: the caller picks one no other row owns).
+        The body matches after the provider's own rewriting (Twilio's Smart Encoding), nothing more.
 
         Raises TransientSendError when the provider cannot be asked.
         """

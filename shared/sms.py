@@ -4,9 +4,13 @@ Twilio's and requests' exceptions stop here: callers only ever see PermanentSend
 number is invalid, unreachable or opted out; RecipientOptedOut, a PermanentSendError, when Twilio
 says the recipient unsubscribed) or TransientSendError (retry later with backoff).
 
-A TransientSendError whose `provider_code` is in OUTCOME_UNKNOWN_CODES means the request may have
-reached Twilio and been accepted (a read timeout, a dropped connection, an unreadable success answer):
-the caller should reconcile (list the recipient's messages) before sending again, or it may send twice.
+A TransientSendError with `maybe_sent` means the request may have reached Twilio and been accepted: a
+read timeout, a connection dropped after the request went out, an unreadable success answer, or any
+5xx (Twilio's edge answers 502/503/504 for requests its API may still have processed, and Twilio says
+of 500 on a message create that a retry may send it twice: https://www.twilio.com/docs/errors/20500).
+The caller should reconcile (list the recipient's messages) before sending again, or it may send twice.
+Only answers that prove nothing was created give the claim back: a 4xx (refusals, 401/403, 429) and a
+connection that was never made (refused, unresolvable, connect timeout).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import requests
 from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from shared.errors import PermanentSendError, RecipientOptedOut, SendError, TransientSendError
 from shared.models import SentRecord
+from shared.segments import smart_encode
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +48,13 @@ RECONCILE_CLOCK_SKEW = timedelta(minutes=2)
 
 # Pseudo provider codes for failures that never produced a Twilio answer.
 CONNECT_TIMEOUT = "connect_timeout"  # no connection was made: certainly not sent
+CONNECT_FAILED = "connect_failed"  # refused or unresolvable: no request went out, certainly not sent
 TIMEOUT = "timeout"  # sent, no answer in time
-CONNECTION_ERROR = "connection_error"
+CONNECTION_ERROR = "connection_error"  # the connection broke after the request may have gone out
 REQUEST_ERROR = "request_error"
 BAD_RESPONSE = "bad_response"  # a 2xx we could not read
 CLIENT_ERROR = "twilio_client_error"
+# Of those, the ones after which Twilio may hold the message (`maybe_sent`); so may it after any 5xx.
 OUTCOME_UNKNOWN_CODES = frozenset({TIMEOUT, CONNECTION_ERROR, REQUEST_ERROR, BAD_RESPONSE})
 
 # The twilio library logs every request and response at INFO, including list filters such as the
@@ -113,8 +121,6 @@ class TwilioSender:
             message = self._client.messages.create(**params)
         except (TwilioException, requests.RequestException, ValueError) as exc:
             error = classify(exc)
-            if isinstance(error, TransientSendError):
-                error.maybe_sent = error.provider_code in OUTCOME_UNKNOWN_CODES
             log.warning(
                 "sms send failed",
                 extra={
@@ -122,6 +128,7 @@ class TwilioSender:
                     "provider_code": error.provider_code,
                     "provider_status": error.provider_status,
                     "permanent": isinstance(error, PermanentSendError),
+                    "maybe_sent": getattr(error, "maybe_sent", False),
                 },
             )
             raise error from exc
@@ -129,11 +136,7 @@ class TwilioSender:
         sid = getattr(message, "sid", None)
         if not isinstance(sid, str) or not sid:
             # Twilio answered 2xx, so the message was probably accepted; we just cannot tell which one.
-            error = TransientSendError(
-                "Twilio accepted the request but returned no message sid", code=BAD_RESPONSE
-            )
-            error.maybe_sent = True
-            raise error
+            raise _transient("Twilio accepted the request but returned no message sid", code=BAD_RESPONSE)
         log.info("sms sent", extra={"message_id": str(message_id), "sid": sid})
         return sid
 
@@ -142,6 +145,13 @@ class TwilioSender:
 
         Lists by recipient only (newest first): a DateSent filter would miss messages still queued
         at Twilio, which have no date_sent yet. Raises TransientSendError if Twilio cannot be asked.
+
+        The bodies are compared after Smart Encoding (same_text): a Messaging Service with Smart
+        Encoding on stores the text it rewrote, curly quotes made straight, not the one we sent.
+        The message id we put in the StatusCallback URL would be the better key, but Twilio's
+        Message resource does not return its status_callback (fetch or list), so it cannot be
+        matched here; the recipient, the normalised text and the window since the claim are what
+        the list offers.
         """
         try:
             candidates = self._client.messages.list(to=to, limit=RECONCILE_LIST_LIMIT)
@@ -151,7 +161,12 @@ class TwilioSender:
         found: list[SentRecord] = []
         for m in candidates:
             created = getattr(m, "date_created", None) or getattr(m, "date_sent", None)
-            if getattr(m, "body", None) != body or not isinstance(created, datetime):
+            theirs = getattr(m, "body", None)
+            if (
+                not isinstance(theirs, str)
+                or not same_text(theirs, body)
+                or not isinstance(created, datetime)
+            ):
                 continue
             if created.tzinfo is None:
                 created = created.replace(tzinfo=UTC)
@@ -161,6 +176,13 @@ class TwilioSender:
                 continue
             found.append(SentRecord(sid=str(m.sid), sent_at=created))
         return found
+
+
+def same_text(stored: str, sent: str) -> bool:
+    """Whether Twilio's stored Body is the text we sent: equal once both are smart-encoded (the
+    look-alikes SMART_ENCODING replaces, the same Twilio's Smart Encoding does, made GSM-7), so a
+    rewrite by Twilio still matches while any other difference does not."""
+    return stored == sent or smart_encode(stored) == smart_encode(sent)
 
 
 def status_callback_url(base: str, message_id: uuid.UUID) -> str:
@@ -179,6 +201,7 @@ def classify(exc: BaseException) -> SendError:
     Anything not known to be permanent is transient: a retry is bounded by MAX_ATTEMPTS and backoff,
     while wrongly calling a failure permanent drops a message nobody will ever resend. That covers
     auth/config errors (401/403) too: they are not this message's fault and heal once config is fixed.
+    A transient error's `maybe_sent` says whether Twilio may have created the message anyway.
     """
     if isinstance(exc, requests.RequestException):
         return _request_failure(exc)
@@ -188,9 +211,7 @@ def classify(exc: BaseException) -> SendError:
     if isinstance(exc, TwilioException):
         return TransientSendError(f"Twilio client error: {type(exc).__name__}", code=CLIENT_ERROR)
     # A ValueError from create is the library failing to parse a 2xx body (json.JSONDecodeError).
-    return TransientSendError(
-        "unreadable answer from Twilio; the message may have been sent", code=BAD_RESPONSE
-    )
+    return _transient("unreadable answer from Twilio; the message may have been sent", code=BAD_RESPONSE)
 
 
 # requests' failures that never got an answer, the most specific first: ConnectTimeout is also a
@@ -203,10 +224,42 @@ _REQUEST_FAILURES: tuple[tuple[type[requests.RequestException], str, str], ...] 
 
 
 def _request_failure(exc: requests.RequestException) -> TransientSendError:
+    if isinstance(exc, requests.ConnectionError) and _never_connected(exc):
+        # urllib3 raises NewConnectionError only while opening the socket (refused, DNS), before a
+        # byte of the request is written; a reset or close after that is a plain ConnectionError.
+        return TransientSendError("could not connect to Twilio", code=CONNECT_FAILED)
     for kind, reason, code in _REQUEST_FAILURES:
         if isinstance(exc, kind):
-            return TransientSendError(reason, code=code)
-    return TransientSendError(f"request to Twilio failed: {type(exc).__name__}", code=REQUEST_ERROR)
+            error = TransientSendError(reason, code=code)
+            error.maybe_sent = code in OUTCOME_UNKNOWN_CODES
+            return error
+    return _transient(f"request to Twilio failed: {type(exc).__name__}", code=REQUEST_ERROR)
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether the failure was opening the connection: requests wraps urllib3's MaxRetryError, whose
+    `reason` is the NewConnectionError; followed through causes too, whatever the wrapping."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NewConnectionError):
+            return True
+        nested = [a for a in e.args if isinstance(a, BaseException)]
+        if isinstance(e, MaxRetryError) and isinstance(e.reason, BaseException):
+            nested.append(e.reason)
+        todo.extend(n for n in (*nested, e.__cause__, e.__context__) if n is not None)
+    return False
+
+
+def _transient(reason: str, *, code: str | None = None, status: int | None = None) -> TransientSendError:
+    """A transient failure after which Twilio may hold the message (see the module docstring)."""
+    error = TransientSendError(reason, code=code, status=status)
+    error.maybe_sent = True
+    return error
 
 
 def _twilio_answer(exc: TwilioException, status: int) -> SendError:
@@ -216,12 +269,16 @@ def _twilio_answer(exc: TwilioException, status: int) -> SendError:
     # When the body has no code the library puts the HTTP status there instead; that is not a Twilio code.
     twilio_code = code if isinstance(code, int) and code != status else None
     provider_code = str(twilio_code) if twilio_code is not None else None
-    error: type[SendError] = TransientSendError
     if twilio_code == UNSUBSCRIBED_CODE:
-        error = RecipientOptedOut
-    elif _is_permanent(twilio_code, status):
-        error = PermanentSendError
-    return error(_twilio_message(exc), code=provider_code, status=status)
+        return RecipientOptedOut(_twilio_message(exc), code=provider_code, status=status)
+    if _is_permanent(twilio_code, status):
+        return PermanentSendError(_twilio_message(exc), code=provider_code, status=status)
+    if status >= 500:
+        # A 5xx proves nothing about the message: 502/503/504 come from Twilio's edge, which may have
+        # passed the request on, and a 500 on create "may" have sent it (Twilio's 20500 page). Only
+        # Twilio's list can tell; a 4xx (401/403, 429 included) is a refusal before any message exists.
+        return _transient(_twilio_message(exc), code=provider_code, status=status)
+    return TransientSendError(_twilio_message(exc), code=provider_code, status=status)
 
 
 def _is_permanent(twilio_code: int | None, status: int) -> bool:

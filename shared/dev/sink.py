@@ -5,9 +5,13 @@ fetch one, and list them filtered by To/From/DateSent. Everything accepted is re
 optionally, as JSON lines in a file) so tests and `make dev` can see what "was sent".
 
 Twilio's magic test numbers fail the way Twilio documents them, and a small control API under
-`/_sink/` lets tests inject failures (HTTP errors, rate limits, slow answers) into the next sends:
+`/_sink/` lets tests inject failures (HTTP errors, rate limits, slow answers, dropped connections,
+and lost answers: the message created, then an error or nothing at all) into the next sends.
+`smart_encoding=True` rewrites the bodies sent through a Messaging Service as Twilio's Smart Encoding
+does (curly quotes, dashes, ellipsis, odd spaces), storing and listing the rewritten text:
 
-    POST   /_sink/faults    {"status": 500, "code": 20500, "count": 1, "to": "+1...", "delay_seconds": 2}
+    POST   /_sink/faults    {"status": 500, "code": 20500, "count": 1, "to": "+1...", "delay_seconds": 2,
+                             "accept": false, "drop": false}
     DELETE /_sink/faults
     GET    /_sink/messages[?to=+1...]
     DELETE /_sink/messages
@@ -30,6 +34,7 @@ import operator
 import re
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -65,6 +70,21 @@ MAGIC_NUMBERS: dict[str, tuple[int, str]] = {
     "+15005550009": (21614, "'To' number {to} is not a valid mobile number"),
 }
 
+# A few of Twilio's Smart Encoding replacements (https://www.twilio.com/docs/messaging/services#smart-encoding),
+# kept here rather than imported so the sink plays Twilio, not the code under test.
+SMART_ENCODING = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u2013": "-",
+        "\u2014": "-",
+        "\u2026": "...",
+        "\u00a0": " ",
+    }
+)
+
 # The codes Twilio puts in its error body when a fault names only an HTTP status.
 _DEFAULT_CODES = {401: 20003, 404: 20404, 429: 20429, 500: 20500, 503: 20503}
 
@@ -97,6 +117,10 @@ class Fault:
 
     A fault with only a delay answers normally, late: the message is recorded even if the client has
     already given up, which is exactly the ambiguous timeout a real provider can produce.
+
+    `accept`: the message is created (recorded, listed) first and only then the error answered, as
+    when Twilio's edge answers 502/504 for a request its API did process. `drop`: no answer at all,
+    the connection is closed after the request was read (with `accept`, after creating it).
     """
 
     status: int | None = None
@@ -105,12 +129,14 @@ class Fault:
     to: str | None = None
     delay_seconds: float = 0.0
     message: str | None = None
+    accept: bool = False
+    drop: bool = False
 
     @classmethod
     def from_json(cls, data: Any) -> Fault:
         if not isinstance(data, dict):
             raise ValueError("fault must be a JSON object")
-        unknown = set(data) - {"status", "code", "count", "to", "delay_seconds", "message"}
+        unknown = set(data) - {"status", "code", "count", "to", "delay_seconds", "message", "accept", "drop"}
         if unknown:
             raise ValueError(f"unknown fault field(s): {', '.join(sorted(unknown))}")
         status = data.get("status")
@@ -119,6 +145,14 @@ class Fault:
         to = data.get("to")
         delay = data.get("delay_seconds", 0.0)
         message = data.get("message")
+        accept = data.get("accept", False)
+        drop = data.get("drop", False)
+        if not isinstance(accept, bool) or not isinstance(drop, bool):
+            raise ValueError("accept and drop must be booleans")
+        if drop and status is not None:
+            raise ValueError("a dropped connection has no status")
+        if accept and status is None and not drop:
+            raise ValueError("accept needs a status or drop (a delay alone accepts anyway)")
         if status is not None and (not isinstance(status, int) or not 400 <= status <= 599):
             raise ValueError("status must be an HTTP error status (400-599)")
         if code is not None and not isinstance(code, int):
@@ -131,11 +165,20 @@ class Fault:
             raise ValueError("delay_seconds must be a non-negative number")
         if message is not None and not isinstance(message, str):
             raise ValueError("message must be a string")
-        if status is None and delay == 0:
-            raise ValueError("a fault needs a status, a delay_seconds, or both")
+        if status is None and delay == 0 and not drop:
+            raise ValueError("a fault needs a status, a delay_seconds, a drop, or some of them")
         if code is not None and status is None:
             raise ValueError("code needs a status")
-        return cls(status=status, code=code, count=count, to=to, delay_seconds=float(delay), message=message)
+        return cls(
+            status=status,
+            code=code,
+            count=count,
+            to=to,
+            delay_seconds=float(delay),
+            message=message,
+            accept=accept,
+            drop=drop,
+        )
 
 
 @dataclass(frozen=True)
@@ -239,6 +282,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     state: _State
     credentials: tuple[str, str] | None
+    smart_encoding: bool
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -372,35 +416,43 @@ class _Handler(BaseHTTPRequestHandler):
             and self.server.state.stopping.wait(fault.delay_seconds)
         ):
             return
-        if fault is not None and fault.status is not None:
+        if fault is not None and (fault.status is not None or fault.drop):
+            if fault.accept and _refusal(to, from_, service, body, form) is None:
+                self.server.state.add(self._message(account_sid, to, from_, service, body, callback))
+            if fault.drop:
+                # Closed without a byte of answer: the client sees the connection dropped mid-request.
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            assert fault.status is not None
             code = fault.code if fault.code is not None else _DEFAULT_CODES.get(fault.status)
             text = fault.message or f"Injected fault: HTTP {fault.status}"
             headers = {"Retry-After": "1"} if fault.status in (429, 503) else None
             self._send_json(fault.status, _error_body(fault.status, code, text), headers=headers)
             return
 
-        # The same checks, in the same order, as Twilio's create.
-        if not to:
-            self._send_error(400, 21604, "A 'To' phone number is required.")
+        refusal = _refusal(to, from_, service, body, form)
+        if refusal is not None:
+            self._send_error(400, *refusal)
             return
-        if from_ is None and service is None:
-            self._send_error(400, 21603, "A 'From' phone number is required.")
-            return
-        if not body and not form.get("MediaUrl") and not form.get("ContentSid"):
-            self._send_error(400, 21602, "Message body is required.")
-            return
-        if to in MAGIC_NUMBERS:
-            code, template = MAGIC_NUMBERS[to]
-            self._send_error(400, code, template.format(to=to))
-            return
-        if not _E164.match(to):
-            self._send_error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
-            return
-        if len(body) > 1600:
-            self._send_error(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
-            return
+        message = self._message(account_sid, to, from_, service, body, callback)
+        self.server.state.add(message)
+        # Like Twilio, the create answer says "queued" and has no date_sent yet; fetch/list say "sent".
+        self._send_json(201, message.resource(status="queued", sent=False))
 
-        message = SinkMessage(
+    def _message(
+        self,
+        account_sid: str,
+        to: str,
+        from_: str | None,
+        service: str | None,
+        body: str,
+        callback: str | None,
+    ) -> SinkMessage:
+        if service is not None and self.server.smart_encoding:
+            # Smart Encoding belongs to the Messaging Service: Twilio stores (and lists) what it sent.
+            body = body.translate(SMART_ENCODING)
+        return SinkMessage(
             sid="SM" + secrets.token_hex(16),
             account_sid=account_sid,
             to=to,
@@ -410,9 +462,6 @@ class _Handler(BaseHTTPRequestHandler):
             status_callback=callback,
             received_at=_now(),
         )
-        self.server.state.add(message)
-        # Like Twilio, the create answer says "queued" and has no date_sent yet; fetch/list say "sent".
-        self._send_json(201, message.resource(status="queued", sent=False))
 
     def _fetch(self, account_sid: str, sid: str) -> None:
         for message in self.server.state.snapshot():
@@ -460,6 +509,26 @@ class _Handler(BaseHTTPRequestHandler):
                 "uri": page_uri(page),
             },
         )
+
+
+def _refusal(
+    to: str, from_: str | None, service: str | None, body: str, form: dict[str, str]
+) -> tuple[int, str] | None:
+    """Twilio's create checks, in Twilio's order: the (code, text) of the first that refuses."""
+    if not to:
+        return 21604, "A 'To' phone number is required."
+    if from_ is None and service is None:
+        return 21603, "A 'From' phone number is required."
+    if not body and not form.get("MediaUrl") and not form.get("ContentSid"):
+        return 21602, "Message body is required."
+    if to in MAGIC_NUMBERS:
+        code, template = MAGIC_NUMBERS[to]
+        return code, template.format(to=to)
+    if not _E164.match(to):
+        return 21211, f"The 'To' number {to} is not a valid phone number."
+    if len(body) > 1600:
+        return 21617, "The concatenated message body exceeds the 1600 character limit."
+    return None
 
 
 def _sent_key(value: str) -> Callable[[SinkMessage], str]:
@@ -519,13 +588,17 @@ class SmsSink:
         account_sid: str | None = None,
         auth_token: str | None = None,
         on_message: Callable[[SinkMessage], None] | None = None,
+        smart_encoding: bool = False,
     ) -> None:
         """`account_sid`/`auth_token`, when both given, are required to match the basic auth exactly;
-        otherwise any basic auth is accepted (but some must be present, as with Twilio)."""
+        otherwise any basic auth is accepted (but some must be present, as with Twilio).
+        `smart_encoding`: the Messaging Service has Smart Encoding on (bodies sent through it are
+        rewritten, see SMART_ENCODING)."""
         self._state = _State(Path(record_path) if record_path is not None else None, on_message)
         self._server = _Server((host, port), _Handler)
         self._server.state = self._state
         self._server.credentials = (account_sid, auth_token) if account_sid and auth_token else None
+        self._server.smart_encoding = smart_encoding
         self._thread: threading.Thread | None = None
 
     @property
@@ -591,6 +664,8 @@ class SmsSink:
         to: str | None = None,
         delay_seconds: float = 0.0,
         message: str | None = None,
+        accept: bool = False,
+        drop: bool = False,
     ) -> None:
         """Same rules as `POST /_sink/faults`."""
         fault = Fault.from_json(
@@ -601,6 +676,8 @@ class SmsSink:
                 "to": to,
                 "delay_seconds": delay_seconds,
                 "message": message,
+                "accept": accept,
+                "drop": drop,
             }
         )
         with self._state.lock:
@@ -624,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", metavar="FILE", help="append every accepted message as a JSON line")
     parser.add_argument("--account-sid", help="require exactly these credentials (default: any basic auth)")
     parser.add_argument("--auth-token")
+    parser.add_argument(
+        "--smart-encoding", action="store_true", help="rewrite Messaging Service bodies as Twilio would"
+    )
     args = parser.parse_args(argv)
 
     def emit(message: SinkMessage) -> None:
@@ -636,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         account_sid=args.account_sid,
         auth_token=args.auth_token,
         on_message=emit,
+        smart_encoding=args.smart_encoding,
     )
     done = threading.Event()
 

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared import service
+from shared import service, sms
 from shared.dev.sink import SmsSink
 from shared.models import Outcome
-from shared.sms import TwilioSender
+from shared.sms import TwilioSender, build_twilio_client
 from shared.store.postgres import PostgresStore
+from tests.integration.sms_fixtures import (
+    TEST_ACCOUNT_SID,
+    TEST_AUTH_TOKEN,
+    TEST_FROM_NUMBER,
+    TEST_MESSAGING_SERVICE_SID,
+    TEST_STATUS_CALLBACK,
+)
 from tests.support.constants import POLICY, T0
 from tests.support.factories import budget, make_active, make_user, row, schedule, sql
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
@@ -263,7 +271,8 @@ def test_permanent_twilio_errors_fail_without_retry(
     assert budget(database_url, user) == {}
 
 
-@pytest.mark.parametrize(("status", "code"), [(500, None), (503, None), (429, 20429)])
+# Refusals that prove no message was created (a 5xx proves nothing: the tests after this one).
+@pytest.mark.parametrize(("status", "code"), [(429, 20429), (429, None), (401, 20003), (403, 20003)])
 def test_transient_twilio_errors_release_the_claim_and_retry(
     store: PostgresStore,
     tasks: RecordingTaskQueue,
@@ -355,7 +364,7 @@ def test_attempts_are_bounded(
 ) -> None:
     user = make_user(store)
     result = schedule(store, tasks, user, T0, policy=POLICY)
-    sms_sink.add_fault(status=500, count=POLICY.max_attempts)
+    sms_sink.add_fault(status=429, count=POLICY.max_attempts)
     actions = [deliver(store, tasks, twilio_sender, clock, result.message.id).action for _ in range(3)]
     assert actions == ["retry", "retry", "failed"]
     r = row(database_url, result.message.id)
@@ -377,3 +386,170 @@ def test_an_expired_message_is_never_sent(
     assert (outcome.action, outcome.status) == ("expired", "expired")
     assert sms_sink.messages() == []
     assert row(database_url, result.message.id)["status"] == "expired"
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_5xx_after_twilio_created_the_message_is_reconciled_as_sent_never_sent_twice(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+    status: int,
+) -> None:
+    phone = "+15551110050"
+    user = make_user(store, phone=phone)
+    result = schedule(store, tasks, user, T0, policy=POLICY)
+    # Twilio's API created the message; its edge answered 5xx: the answer is lost, the SMS is not.
+    sms_sink.add_fault(status=status, accept=True)
+    outcome = deliver(store, tasks, twilio_sender, clock, result.message.id)
+    assert (outcome.action, outcome.reason) == ("retry", "outcome_unknown")
+    r = row(database_url, result.message.id)
+    assert r["status"] == "sending" and r["reason"] == "outcome_unknown" and r["slot_at"] is not None
+    # The queue retries at once: nothing is sent while the hold lasts.
+    clock.advance(timedelta(seconds=5))
+    early = deliver(store, tasks, twilio_sender, clock, result.message.id)
+    assert (early.action, early.reason) == ("retry", "awaiting_reconciliation")
+    clock.advance(timedelta(seconds=POLICY.reconcile_after_seconds))
+    later = deliver(store, tasks, twilio_sender, clock, result.message.id)
+    assert (later.action, later.reason) == ("reconciled", "reconciled_sent")
+    [sent] = sms_sink.messages(to=phone)
+    r = row(database_url, result.message.id)
+    assert r["status"] == "sent" and r["twilio_message_sid"] == sent["sid"]
+    assert budget(database_url, user) == {"2025-06-02": 1}
+    assert deliver(store, tasks, twilio_sender, clock, result.message.id).reason == "already_sent"
+    assert len(sms_sink.messages()) == 1
+
+
+def test_a_5xx_twilio_never_acted_on_is_sent_once_after_reconciling(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+) -> None:
+    phone = "+15551110051"
+    user = make_user(store, phone=phone)
+    result = schedule(store, tasks, user, T0, policy=POLICY)
+    sms_sink.add_fault(status=502)  # and this time Twilio really has nothing
+    assert deliver(store, tasks, twilio_sender, clock, result.message.id).reason == "outcome_unknown"
+    clock.advance(timedelta(seconds=POLICY.reconcile_after_seconds + 1))
+    reconciled = deliver(store, tasks, twilio_sender, clock, result.message.id)
+    assert (reconciled.action, reconciled.reason) == ("reconciled", "reconciled_requeued")
+    assert deliver(store, tasks, twilio_sender, clock, result.message.id, generation=1).action == "sent"
+    assert len(sms_sink.messages(to=phone)) == 1
+    assert row(database_url, result.message.id)["status"] == "sent"
+
+
+def test_a_connection_dropped_after_the_request_is_reconciled_not_resent(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+) -> None:
+    phone = "+15551110052"
+    user = make_user(store, phone=phone)
+    result = schedule(store, tasks, user, T0, policy=POLICY)
+    sms_sink.add_fault(drop=True, accept=True)  # created, then the connection reset: no answer
+    assert deliver(store, tasks, twilio_sender, clock, result.message.id).reason == "outcome_unknown"
+    clock.advance(timedelta(seconds=POLICY.reconcile_after_seconds + 1))
+    assert deliver(store, tasks, twilio_sender, clock, result.message.id).reason == "reconciled_sent"
+    assert len(sms_sink.messages(to=phone)) == 1
+    assert row(database_url, result.message.id)["status"] == "sent"
+
+
+def test_a_refused_connection_gives_the_claim_back_at_once(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+) -> None:
+    user = make_user(store, phone="+15551110053")
+    result = schedule(store, tasks, user, T0, policy=POLICY)
+    with SmsSink() as gone:
+        closed = gone.url  # nothing listens here any more
+    client = build_twilio_client(TEST_ACCOUNT_SID, TEST_AUTH_TOKEN, base_url=closed, timeout_seconds=1)
+    down = TwilioSender(client, from_number=TEST_FROM_NUMBER)
+    outcome = deliver(store, tasks, down, clock, result.message.id)
+    # No request went out, so there is nothing to reconcile: released, not held for the hold's length.
+    assert (outcome.action, outcome.reason) == ("retry", f"twilio_{sms.CONNECT_FAILED}")
+    r = row(database_url, result.message.id)
+    assert r["status"] == "queued" and r["slot_at"] is None and r["attempts"] == 1
+    clock.advance(timedelta(seconds=5))
+    assert deliver(store, tasks, twilio_sender, clock, result.message.id).action == "sent"
+    assert len(sms_sink.messages()) == 1
+
+
+@pytest.fixture
+def smart_sink() -> Iterator[SmsSink]:
+    """A sink whose Messaging Service has Smart Encoding on: it stores the bodies it rewrote."""
+    with SmsSink(account_sid=TEST_ACCOUNT_SID, auth_token=TEST_AUTH_TOKEN, smart_encoding=True) as sink:
+        yield sink
+
+
+@pytest.fixture
+def service_sender(smart_sink: SmsSink) -> TwilioSender:
+    client = build_twilio_client(
+        TEST_ACCOUNT_SID, TEST_AUTH_TOKEN, base_url=smart_sink.url, timeout_seconds=1
+    )
+    return TwilioSender(
+        client, messaging_service_sid=TEST_MESSAGING_SERVICE_SID, status_callback=TEST_STATUS_CALLBACK
+    )
+
+
+CURLY = "Your table\u2019s ready \u2013 \u201ctable 4\u201d\u2026"
+
+
+def test_a_body_twilio_smart_encoded_is_reconciled_as_sent_not_resent(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    service_sender: TwilioSender,
+    smart_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+) -> None:
+    phone = "+15551110060"
+    user = make_user(store, phone=phone)
+    result = schedule(store, tasks, user, T0, content=CURLY, policy=POLICY)
+    assert result.message.content == CURLY  # SMART_ENCODING is off here: we send the curly text
+    smart_sink.add_fault(status=502, accept=True)
+    assert deliver(store, tasks, service_sender, clock, result.message.id).reason == "outcome_unknown"
+    [stored] = smart_sink.messages(to=phone)
+    assert stored["body"] == 'Your table\'s ready - "table 4"...'  # not the text we sent
+    clock.advance(timedelta(seconds=POLICY.reconcile_after_seconds + 1))
+    later = deliver(store, tasks, service_sender, clock, result.message.id)
+    assert (later.action, later.reason) == ("reconciled", "reconciled_sent")
+    assert row(database_url, result.message.id)["twilio_message_sid"] == stored["sid"]
+    assert len(smart_sink.messages()) == 1
+
+
+def test_another_message_to_the_same_number_in_the_window_is_not_taken_for_ours(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    service_sender: TwilioSender,
+    smart_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+) -> None:
+    phone = "+15551110061"
+    user = make_user(store, phone=phone)
+    result = schedule(store, tasks, user, T0, content=CURLY, policy=POLICY)
+    smart_sink.add_fault(status=503)  # Twilio never got ours...
+    assert deliver(store, tasks, service_sender, clock, result.message.id).reason == "outcome_unknown"
+    # ...but someone else texted the same number meanwhile, a text that differs by one character.
+    other = service_sender.send(phone, CURLY.replace("4", "5"), message_id=uuid.uuid4())
+    clock.advance(timedelta(seconds=POLICY.reconcile_after_seconds + 1))
+    reconciled = deliver(store, tasks, service_sender, clock, result.message.id)
+    assert (reconciled.action, reconciled.reason) == ("reconciled", "reconciled_requeued")
+    sent = deliver(store, tasks, service_sender, clock, result.message.id, generation=1)
+    assert sent.action == "sent" and sent.sid != other
+    assert [m["body"] for m in smart_sink.messages(to=phone)] == [
+        'Your table\'s ready - "table 5"...',
+        'Your table\'s ready - "table 4"...',
+    ]

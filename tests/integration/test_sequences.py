@@ -249,7 +249,8 @@ def test_twilio_failing_mid_sequence_never_resends_a_sent_part_and_the_rest_foll
     def fail_next_part(seconds: float) -> None:
         pauses.append(seconds)
         if len(pauses) == 1:
-            sms_sink.add_fault(status=503, count=1)  # part 2 meets a Twilio outage
+            # Part 2 is refused by Twilio's rate limit: certainly not sent (a 5xx would need asking).
+            sms_sink.add_fault(status=429, count=1)
 
     outcome = deliver(store, tasks, twilio_sender, clock, seq.message.id, on_pause=fail_next_part)
     assert (outcome.action, outcome.reason) == ("retry", "sequence_interrupted")

@@ -149,6 +149,9 @@ def test_server_errors_rate_limits_and_auth_failures_are_transient(
         twilio_sender.send(TO, "hi", message_id=uuid.uuid4())
 
     assert (caught.value.provider_code, caught.value.provider_status) == (expected_code, status)
+    # A 5xx may come after Twilio created the message (Twilio's edge, or its 500 on create): unknown.
+    # A 4xx is a refusal before any message exists: the claim can be given back.
+    assert caught.value.maybe_sent is (status >= 500)
     assert sms_sink.messages() == []
     # The fault was for one send only: the retry goes through.
     assert SID.match(twilio_sender.send(TO, "hi", message_id=uuid.uuid4()))
@@ -206,7 +209,61 @@ def test_unreachable_server_is_a_transient_connection_error() -> None:
 
     with pytest.raises(TransientSendError) as caught:
         sender.send(TO, "hi", message_id=uuid.uuid4())
-    assert caught.value.provider_code == sms.CONNECTION_ERROR
+    # Refused before a byte of the request went out: certainly not sent.
+    assert caught.value.provider_code == sms.CONNECT_FAILED
+    assert not caught.value.maybe_sent
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_an_error_after_twilio_created_the_message_says_it_may_be_sent(
+    sms_sink: SmsSink, twilio_sender: TwilioSender, status: int
+) -> None:
+    sms_sink.add_fault(status=status, accept=True)
+
+    with pytest.raises(TransientSendError) as caught:
+        twilio_sender.send(TO, "created anyway", message_id=uuid.uuid4())
+
+    assert caught.value.maybe_sent and caught.value.provider_status == status
+    # Twilio has it, so sending again would send it twice: it must be reconciled instead.
+    assert [m["body"] for m in sms_sink.messages()] == ["created anyway"]
+    assert [r.sid for r in twilio_sender.find_sent(TO, "created anyway", since=datetime.now(UTC))] == [
+        sms_sink.messages()[0]["sid"]
+    ]
+
+
+def test_a_connection_dropped_after_the_request_is_an_unknown_outcome(
+    sms_sink: SmsSink, twilio_sender: TwilioSender
+) -> None:
+    sms_sink.add_fault(drop=True, accept=True)
+
+    with pytest.raises(TransientSendError) as caught:
+        twilio_sender.send(TO, "no answer", message_id=uuid.uuid4())
+
+    assert caught.value.provider_code == sms.CONNECTION_ERROR and caught.value.maybe_sent
+    assert [m["body"] for m in sms_sink.messages()] == ["no answer"]
+
+
+def test_sink_fault_options_are_checked() -> None:
+    with SmsSink() as sink:
+        for bad in ({"drop": True, "status": 502}, {"accept": True}, {"accept": "yes", "status": 502}):
+            assert requests.post(f"{sink.url}/_sink/faults", json=bad, timeout=5).status_code == 400
+
+
+def test_find_sent_matches_a_body_twilio_smart_encoded() -> None:
+    with SmsSink(account_sid=TEST_ACCOUNT_SID, auth_token=TEST_AUTH_TOKEN, smart_encoding=True) as sink:
+        client = build_twilio_client(TEST_ACCOUNT_SID, TEST_AUTH_TOKEN, base_url=sink.url, timeout_seconds=1)
+        sender = TwilioSender(client, messaging_service_sid=TEST_MESSAGING_SERVICE_SID)
+        since = datetime.now(UTC)
+        ours = "It\u2019s \u201cready\u201d \u2013 table 4\u2026"
+        sid = sender.send(TO, ours, message_id=uuid.uuid4())
+        other = sender.send(TO, "It\u2019s \u201cready\u201d \u2013 table 5\u2026", message_id=uuid.uuid4())
+
+        # Twilio keeps the rewritten text, not ours...
+        assert sink.messages()[0]["body"] == 'It\'s "ready" - table 4...'
+        # ...and reconciliation still knows it, and only it.
+        assert [r.sid for r in sender.find_sent(TO, ours, since=since)] == [sid]
+        assert other not in [r.sid for r in sender.find_sent(TO, ours, since=since)]
+        assert sender.find_sent(TO, "It's ready - table 4...", since=since) == []
 
 
 def test_missing_auth_is_answered_401_like_twilio(sms_sink: SmsSink) -> None:

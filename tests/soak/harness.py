@@ -35,7 +35,7 @@ import psycopg
 from shared.domain import Limits
 from shared.errors import PermanentSendError, TransientSendError, Unavailable
 from shared.models import SentRecord
-from shared.sms import RECONCILE_CLOCK_SKEW, RECONCILE_LIST_LIMIT
+from shared.sms import RECONCILE_CLOCK_SKEW, RECONCILE_LIST_LIMIT, same_text
 from tests.support.fakes import VirtualClock
 
 HOUR = timedelta(hours=1)
@@ -256,7 +256,8 @@ class Sms:
 class TwilioFaults:
     """Per-send fault probabilities (one draw per send), and per-lookup for find_sent."""
 
-    server_error: float = 0.02  # 500/503: transient, certainly not sent
+    server_error: float = 0.02  # 5xx and Twilio never got it: maybe_sent (a 5xx proves nothing)
+    server_error_accepted: float = 0.005  # Twilio created it, then its edge answered 502/504: maybe_sent
     rate_limited: float = 0.015  # 429 / 20429: transient, not sent
     timeout_accepted: float = 0.01  # Twilio accepted it, the answer was lost: maybe_sent
     timeout_lost: float = 0.004  # no answer, and Twilio never got it: maybe_sent
@@ -267,6 +268,7 @@ class TwilioFaults:
 
 FAULTS = (
     "server_error",
+    "server_error_accepted",
     "rate_limited",
     "timeout_accepted",
     "timeout_lost",
@@ -277,12 +279,13 @@ FAULTS = (
 
 class FakeTwilio:
     """The SmsSender port in process. Records every accepted message with the virtual time; injects
-    transient faults (500/503, 429), permanent faults for some numbers (21211 invalid, 21610
-    unsubscribed), timeouts after or without an accept (TransientSendError with maybe_sent) and
-    instance crashes around the call; `forced` scripts the fault of one message's next send.
+    transient faults (5xx, before or after Twilio created the message; 429), permanent faults for
+    some numbers (21211 invalid, 21610 unsubscribed), timeouts after or without an accept
+    (TransientSendError with maybe_sent) and instance crashes around the call; `forced` scripts
+    the fault of one message's next send.
 
     `find_sent` answers from the record the way TwilioSender.find_sent does against Twilio: the
-    recipient's newest RECONCILE_LIST_LIMIT messages, newest first, the first with the same body
+    recipient's newest RECONCILE_LIST_LIMIT messages, newest first, the first with the same body (same_text)
     accepted no earlier than `since` less RECONCILE_CLOCK_SKEW."""
 
     def __init__(
@@ -330,8 +333,14 @@ class FakeTwilio:
         if fault is None:
             return self._accept(to, body, message_id, rng).sid
         self.stats.add(fault)
-        if fault == "server_error":
-            raise TransientSendError("injected: Twilio 500", status=rng.choice((500, 503)))
+        if fault in ("server_error", "server_error_accepted"):
+            status = rng.choice((500, 502, 503, 504))
+            if fault == "server_error_accepted":
+                self._accept(to, body, message_id, rng)
+            # As TwilioSender classifies it: any 5xx may have been preceded by a create.
+            error = TransientSendError(f"injected: Twilio {status}", status=status)
+            error.maybe_sent = True
+            raise error
         if fault == "rate_limited":
             raise TransientSendError("injected: Twilio 429", code="20429", status=429)
         if fault in ("timeout_accepted", "crash_after_accept"):
@@ -350,7 +359,9 @@ class FakeTwilio:
         floor = since - RECONCILE_CLOCK_SKEW
         with self._lock:
             newest = list(reversed(self.by_to.get(to, [])[-RECONCILE_LIST_LIMIT:]))
-        return [SentRecord(sid=m.sid, sent_at=m.at) for m in newest if m.body == body and m.at >= floor]
+        return [
+            SentRecord(sid=m.sid, sent_at=m.at) for m in newest if same_text(m.body, body) and m.at >= floor
+        ]
 
     def faults_injected(self) -> int:
         s = self.stats.snapshot()

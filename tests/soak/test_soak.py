@@ -92,6 +92,7 @@ class SoakConfig:
             shape=TrafficShape(bursts_per_day=1.0, conversations_per_day=1.0),
             faults=TwilioFaults(
                 server_error=0.05,
+                server_error_accepted=0.03,
                 rate_limited=0.05,
                 timeout_accepted=0.05,
                 timeout_lost=0.05,
@@ -362,7 +363,10 @@ def summary(
         ("tasks created / lost / duplicated", f"{q['created']} / {q['lost']} / {q['duplicated']}"),
         ("task creates failed", q["create_failed"]),
         ("Twilio faults injected", soak.twilio.faults_injected()),
-        ("  500/503, 429", f"{tw['server_error']}, {tw['rate_limited']}"),
+        (
+            "  5xx lost / after create, 429",
+            f"{tw['server_error']} / {tw['server_error_accepted']}, {tw['rate_limited']}",
+        ),
         ("  permanent 21211 / 21610", f"{tw['permanent_21211']} / {tw['permanent_21610']}"),
         ("  timeout accepted / lost", f"{tw['timeout_accepted']} / {tw['timeout_lost']}"),
         ("  crash after accept / before", f"{tw['crash_after_accept']} / {tw['crash_before_send']}"),
