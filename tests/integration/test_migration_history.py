@@ -12,6 +12,7 @@ of its own over TCP (the CLI's only transport)."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,6 @@ from tests.integration.test_api_roles import (
 from tests.support import supabase_cli
 from tests.support.pg import PgCluster
 
-INFRA = MIGRATIONS_DIR.parents[1]  # the CLI's --workdir: it reads <workdir>/supabase/migrations
 FILES = migrations()
 HISTORY = "select version, name from supabase_migrations.schema_migrations order by version"
 PRE_SQUASH = "20261123000001"  # a version of a file squashed into the baseline
@@ -236,8 +236,18 @@ def supabase_like_url(tcp_postgres: supabase_cli.TcpPostgres) -> str:
     return url
 
 
-def push(url: str) -> str:
-    done = supabase_cli.db_push(INFRA, url)
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CLI's --workdir: a copy of infra/ with the migrations (it reads
+    <workdir>/supabase/migrations, as README's `--workdir infra`), since the CLI also writes its
+    scratch files there (supabase/.temp), which a test must not leave in the repository."""
+    root = tmp_path_factory.mktemp("cli-workdir")
+    shutil.copytree(MIGRATIONS_DIR, root / "supabase" / "migrations")
+    return root
+
+
+def push(url: str, workdir: Path) -> str:
+    done = supabase_cli.db_push(workdir, url)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     return output
@@ -250,34 +260,36 @@ def assert_history_closed(url: str) -> None:
             assert refused == "permission denied for schema supabase_migrations", role
 
 
-def test_the_runner_then_the_cli_applies_nothing(supabase_like_url: str) -> None:
+def test_the_runner_then_the_cli_applies_nothing(supabase_like_url: str, workdir: Path) -> None:
     assert len(apply_migrations(supabase_like_url)) == len(FILES)
-    output = push(supabase_like_url)
+    output = push(supabase_like_url, workdir)
     assert "Remote database is up to date" in output, output
     assert "Applying migration" not in output, output
     assert rows(supabase_like_url) == expected_rows()
     assert_history_closed(supabase_like_url)
 
 
-def test_the_cli_then_the_runner_applies_nothing(supabase_like_url: str) -> None:
-    output = push(supabase_like_url)
+def test_the_cli_then_the_runner_applies_nothing(supabase_like_url: str, workdir: Path) -> None:
+    output = push(supabase_like_url, workdir)
     assert output.count("Applying migration") == len(FILES), output
     assert rows(supabase_like_url) == expected_rows()  # the CLI's rows are the runner's
     assert apply_migrations(supabase_like_url) == []
-    assert "Remote database is up to date" in push(supabase_like_url)
+    assert "Remote database is up to date" in push(supabase_like_url, workdir)
     assert_history_closed(supabase_like_url)
 
 
-def test_the_previous_runners_database_adopted_then_the_cli_applies_nothing(supabase_like_url: str) -> None:
+def test_the_previous_runners_database_adopted_then_the_cli_applies_nothing(
+    supabase_like_url: str, workdir: Path
+) -> None:
     """The deployed databases today: migrated by the previous runner. Once the runner has adopted its
     history, the CLI agrees; before, the CLI would run every file again and fail."""
     migrate_as_the_previous_runner(supabase_like_url)
     assert apply_migrations(supabase_like_url) == []
-    assert "Remote database is up to date" in push(supabase_like_url)
+    assert "Remote database is up to date" in push(supabase_like_url, workdir)
     assert rows(supabase_like_url) == expected_rows()
 
 
-def test_the_cli_refuses_what_the_runner_refuses(supabase_like_url: str) -> None:
+def test_the_cli_refuses_what_the_runner_refuses(supabase_like_url: str, workdir: Path) -> None:
     """Both refuse a database migrated before the squash (the CLI: "Remote migration versions not
     found in local migrations directory")."""
     apply_migrations(supabase_like_url)
@@ -286,7 +298,7 @@ def test_the_cli_refuses_what_the_runner_refuses(supabase_like_url: str) -> None
             "insert into supabase_migrations.schema_migrations (version, name) values (%s, 'core_schema')",
             (PRE_SQUASH,),
         )
-    done = supabase_cli.db_push(INFRA, supabase_like_url)
+    done = supabase_cli.db_push(workdir, supabase_like_url)
     assert done.returncode != 0
     assert PRE_SQUASH in done.stdout + done.stderr
     with pytest.raises(MigrationHistoryError, match=PRE_SQUASH):
