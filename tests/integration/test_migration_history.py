@@ -12,6 +12,7 @@ of its own over TCP (the CLI's only transport)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -303,3 +304,17 @@ def test_the_cli_refuses_what_the_runner_refuses(supabase_like_url: str, workdir
     assert PRE_SQUASH in done.stdout + done.stderr
     with pytest.raises(MigrationHistoryError, match=PRE_SQUASH):
         apply_migrations(supabase_like_url)
+
+
+README = MIGRATIONS_DIR.parents[2] / "README.md"
+
+
+def test_readme_pushes_with_the_workdir_the_migrations_are_under() -> None:
+    """From the repository root a bare `supabase db push` finds no supabase/migrations and applies
+    nothing: README's command names `--workdir infra`, as the tests above run it."""
+    text = " ".join(README.read_text().split())  # commands wrapped across lines
+    pushes = re.findall(r"`supabase[^`]*db push[^`]*`", text)
+    assert pushes, "README shows how to apply the migrations with the CLI"
+    for command in pushes:
+        assert "--workdir infra db push" in command, command
+    assert (MIGRATIONS_DIR.parent.parent / "supabase" / "migrations") == MIGRATIONS_DIR
