@@ -196,9 +196,9 @@ def test_the_catalog_lists_every_product_table_sequence_and_function(
 ) -> None:
     """The lists the other tests walk are the product's, not empty ones."""
     tables, sequences = relations(supabase_db)
-    assert {"users", "messages", "message_queue", "events_outbox", "schema_migrations"} <= {
-        t.name for t in tables
-    }
+    assert {"users", "messages", "message_queue", "events_outbox"} <= {t.name for t in tables}
+    # The migration history is not in public (the Supabase CLI's table: see the test below).
+    assert "schema_migrations" not in {t.name for t in tables}
     assert {"sweep_runs_id_seq", "events_outbox_id_seq"} <= {s.name for s in sequences}
     names = {f.name for f in functions(supabase_db)}
     assert {"mq_claim", "mq_enqueue", "mq_upsert_user", "increment_message_budget"} <= names
@@ -270,6 +270,28 @@ def test_every_table_has_row_level_security_and_no_policy_for_the_api_roles(
         [[t.oid for t in tables]],
     ).fetchall()
     assert policies == []
+
+
+@pytest.mark.parametrize("role", [*API_ROLES, STRANGER])
+def test_an_api_role_cannot_reach_the_migration_history(
+    supabase_db: psycopg.Connection[Any], role: str
+) -> None:
+    """The history is the Supabase CLI's supabase_migrations.schema_migrations (shared/store/migrate.py),
+    outside public, which close_public_api() walks. Nothing grants that schema to the API roles or to
+    PUBLIC (the runner creates it as the CLI does, with no grant, and Supabase's default privileges
+    are for public), so they can neither use the schema nor read its table: every file name and
+    every statement of every migration."""
+    count = supabase_db.execute("select count(*) from supabase_migrations.schema_migrations").fetchone()
+    assert count == (len(migration_files(MIGRATIONS_DIR)),)
+    refused = as_role(supabase_db, role, "select * from supabase_migrations.schema_migrations")
+    assert refused == "permission denied for schema supabase_migrations"
+    granted = supabase_db.execute(
+        "select has_schema_privilege(%(role)s, 'supabase_migrations', 'usage, create'),"
+        " has_table_privilege(%(role)s, 'supabase_migrations.schema_migrations',"
+        "                     'select, insert, update, delete, truncate, references, trigger')",
+        {"role": role},
+    ).fetchone()
+    assert granted == (False, False)
 
 
 def test_row_level_security_hides_every_row_from_a_role_granted_a_table(

@@ -67,13 +67,11 @@ TABLES = {
     "sweep_runs",
     "events_outbox",
     "consent_events",
-    "schema_migrations",
 }
 
-# Tables no function reads or writes.
-TABLES_WITHOUT_FUNCTIONS = {
-    "schema_migrations": "the migration runner's record of applied versions (shared/store/migrate.py)",
-}
+# Tables no function reads or writes. None since the migration history moved out of public, into
+# the Supabase CLI's supabase_migrations.schema_migrations (shared/store/migrate.py, issue 16).
+TABLES_WITHOUT_FUNCTIONS: dict[str, str] = {}
 
 _IDENTIFIER = re.compile(r"mq_[a-z0-9_]+")
 _CALL_IN_SQL = re.compile(r"\b(mq_[a-z0-9_]+)\s*\(")
@@ -209,6 +207,9 @@ def test_a_database_migrated_before_the_squash_is_refused(database_url: str) -> 
     the baseline) is refused with its name, not met with "relation users already exists"."""
     assert apply_migrations(database_url) == []  # every file applied already: nothing to do
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("insert into schema_migrations (version) values ('20261123000001_core_schema')")
-    with pytest.raises(MigrationHistoryError, match="20261123000001_core_schema"):
+        conn.execute(
+            "insert into supabase_migrations.schema_migrations (version, name)"
+            " values ('20261123000001', 'core_schema')"
+        )
+    with pytest.raises(MigrationHistoryError, match="20261123000001"):
         apply_migrations(database_url)
