@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -395,7 +396,13 @@ class LocalStack:
 
     @staticmethod
     def _redacted(url: str) -> str:
-        return url.split("@", 1)[-1] if "@" in url else url
+        """The URL without its password, still one psql takes (`psql 'postgresql://postgres@/db?host=...'`)."""
+        parts = urllib.parse.urlsplit(url)
+        if "@" not in parts.netloc:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
 
 
 def main(argv: list[str] | None = None) -> int:

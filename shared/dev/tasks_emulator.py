@@ -10,8 +10,8 @@ What its source (gcloud_tasks_emulator/server.py, __main__.py) does, and what th
   `gcloud-tasks-emulator` script in the same bin dir is the same `main()`). `-d` takes the full path
   `projects/P/locations/L/queues/Q` and may be repeated; `-q` lowers its logging to errors (without
   it, it logs two lines per pending future task every 0.1 s); `-r N` gives up a task after N failed
-  attempts (default: never). The listen host is hard-coded: it binds `[::]:PORT` (all interfaces,
-  IPv4 too), whatever it is told.
+  attempts (default: never). The listen host is hard-coded to `[::]:PORT` (all interfaces); the
+  bootstrap below rewrites it to 127.0.0.1, so the emulator listens on loopback only.
 - Dispatch: an HTTP task (`http_request.url`) is requested at its URL exactly as given, with its
   method, headers and body, plus X-CloudTasks-QueueName/-TaskName/-TaskRetryCount/
   -TaskExecutionCount/-TaskETA. `-H/--target-host` and `-t/--target-port` only apply to App Engine
@@ -80,6 +80,10 @@ def _exclusive_server(*args, **kwargs):
         print({READY_MARKER!r}, flush=True)
 
     server.start = _start
+    add_port = server.add_insecure_port
+    # The emulator binds [::]:PORT (every interface) whatever it is told; the local stack stays on
+    # loopback like everything else it runs.
+    server.add_insecure_port = lambda address: add_port(address.replace("[::]", "127.0.0.1", 1))
     return server
 
 grpc.server = _exclusive_server

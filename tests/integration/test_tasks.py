@@ -283,3 +283,24 @@ def test_stopped_emulator_raises_unavailable_within_the_timeout(
 
     assert elapsed < timeout.total_seconds() + 1.0
     assert "could not create the Cloud Task" in raised.value.message
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses listening on `port`, from the kernel's socket tables."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+def test_the_emulator_listens_on_loopback_only(tasks_emulator: TasksEmulator) -> None:
+    """Like everything the local stack runs: not on every interface, as the emulator would."""
+    assert tasks_emulator.port is not None
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, and as ::ffff:127.0.0.1
+    listening = _listening(tasks_emulator.port)
+    assert listening and listening <= loopback, listening

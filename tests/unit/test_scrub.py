@@ -33,3 +33,20 @@ def test_the_loopback_signature_bypass_refuses_to_start_on_cloud_run() -> None:
     with pytest.raises(ValueError, match="K_SERVICE"):
         Settings.from_env({"TWILIO_SIGNATURE_BYPASS": "local-only", "K_SERVICE": "twilio-inbound"})
     assert not Settings.from_env({"K_SERVICE": "twilio-inbound"}).twilio_signature_bypass_local
+
+
+@pytest.mark.parametrize(
+    ("url", "printed"),
+    [
+        (
+            "postgresql://postgres:@/orchestrator?host=/tmp/pg",
+            "postgresql://postgres@/orchestrator?host=/tmp/pg",
+        ),
+        ("postgresql://app:s3cret@db.example:5432/d", "postgresql://app@db.example:5432/d"),
+        ("postgresql:///o?host=/tmp/pg", "postgresql:///o?host=/tmp/pg"),
+    ],
+)
+def test_make_dev_prints_a_database_url_without_its_password_that_psql_takes(url: str, printed: str) -> None:
+    from shared.dev.stack import LocalStack
+
+    assert LocalStack._redacted(url) == printed
