@@ -245,6 +245,16 @@ def sequence_span(parts: tuple[Part, ...]) -> int:
 
 
 @dataclass(frozen=True)
+class TimelineEntry:
+    """One decision about a message, as agent_actions_log recorded it (GET's timeline)."""
+
+    at: datetime
+    action: str
+    output: Mapping[str, Any]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     """One message_queue row, as the use cases need it."""
 
@@ -281,6 +291,8 @@ class StoredMessage:
     delivery_status: str | None = None
     delivered_at: datetime | None = None
     delivery_error_code: str | None = None
+    # GET only; history about the message, not its state: left out of comparisons.
+    timeline: tuple[TimelineEntry, ...] = field(default=(), compare=False)
     # Of the text to send (a sequence: the parts' total); None while a structured text is unrendered.
     segments: Segments | None = None
 

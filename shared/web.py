@@ -55,6 +55,7 @@ def message_json(m: StoredMessage) -> dict[str, Any]:
         "scheduledFor": iso(m.scheduled_for),
         "sentAt": iso(m.sent_at),
         "reason": m.reason,
+        "explanation": policy.REASONS.get(m.reason) if m.reason else None,
         "lastError": m.last_error,
         "attempts": m.attempts,
         "expiresAt": iso(m.expires_at),
@@ -100,6 +101,26 @@ def consent_json(history: ConsentHistory) -> dict[str, Any]:
             for e in history.events
         ],
     }
+
+
+def timeline_json(m: StoredMessage) -> list[dict[str, Any]]:
+    """The message's decisions, oldest first: what happened, when, and why (GET /messages/<id>)."""
+    entries = []
+    for e in m.timeline:
+        reason = e.output.get("reason")
+        entries.append(
+            {
+                "at": iso(e.at),
+                "action": e.action,
+                "reason": reason,
+                "explanation": policy.REASONS.get(reason) if isinstance(reason, str) else None,
+                "scheduledFor": e.output.get("scheduledFor"),
+                "twilioMessageSid": e.output.get("twilioMessageSid"),
+                "error": e.error,
+                "details": dict(e.output),
+            }
+        )
+    return entries
 
 
 def schedule_body(result: service.ScheduleResult) -> dict[str, Any]:
@@ -222,7 +243,9 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
             if not match:
                 return respond(404, {"success": False, "error": "not_found", "message": "GET /messages/<id>"})
             message = service.get_message(match.group("id"), store=c.store, caller=caller)
-            return respond(200, {"success": True, **message_json(message)})
+            return respond(
+                200, {"success": True, **message_json(message), "timeline": timeline_json(message)}
+            )
         if request.method != "POST":
             return method_not_allowed("GET, POST", "use POST, or GET /messages/<id>")
         cancel = _CANCEL_PATH.match(request.path)

@@ -7,7 +7,7 @@ from datetime import datetime, time
 from typing import Any
 
 from shared import segments
-from shared.domain import History, Part, Reservation, Segments, StoredMessage, UserSettings
+from shared.domain import History, Part, Reservation, Segments, StoredMessage, TimelineEntry, UserSettings
 from shared.errors import AgentRateLimited, NotFound, StoreError, UserQueueFull, ValidationError
 from shared.models import (
     CancelResult,
@@ -115,6 +115,15 @@ def message(row: dict[str, Any]) -> StoredMessage:
         delivery_status=(row.get("delivery") or {}).get("status"),
         delivered_at=instant((row.get("delivery") or {}).get("delivered_at")),
         delivery_error_code=(row.get("delivery") or {}).get("error_code"),
+        timeline=tuple(
+            TimelineEntry(
+                at=_required_instant(e["at"]),
+                action=str(e["action"]),
+                output=dict(e.get("output") or {}),
+                error=e.get("error"),
+            )
+            for e in row.get("timeline") or []
+        ),
         segments=_segments(row),
     )
 

@@ -458,3 +458,28 @@ def test_get_shows_what_twilio_said_of_the_delivery(
     assert signed_post("twilio_status", {"MessageSid": sid, **form}).status_code == 200
     after = client("schedule_message").get(f"/messages/{message_id}").get_json()
     assert (after["deliveryStatus"], after["deliveredAt"], after["deliveryErrorCode"]) == expected
+
+
+def test_get_tells_the_whole_story_of_a_message(
+    container: bootstrap.Container,
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    database_url: str,
+) -> None:
+    """Why, not only when: the timeline of decisions with their reasons, and the explanation."""
+    _, sid = _sent_message(container, store, tasks, twilio_sender, "+15553330055")
+    [(message_id,)] = sql(database_url, "select id from message_queue where twilio_message_sid = %s", sid)
+    assert signed_post("twilio_status", {"MessageSid": sid, "MessageStatus": "delivered"}).status_code == 200
+    got = client("schedule_message").get(f"/messages/{message_id}").get_json()
+    assert got["reason"] == "sent" and "explanation" in got
+    actions = [e["action"] for e in got["timeline"]]
+    # (here everything happened at the virtual T0: entries of one instant come in no set order)
+    assert sorted(actions) == ["scheduled", "sent", "status_delivered"], actions
+    scheduled = next(e for e in got["timeline"] if e["action"] == "scheduled")
+    assert scheduled["reason"] == "ok" and scheduled["explanation"] == "allowed now"
+    assert scheduled["scheduledFor"] is not None
+    sent = next(e for e in got["timeline"] if e["action"] == "sent")
+    assert sent["twilioMessageSid"] == sid
+    at = [e["at"] for e in got["timeline"]]
+    assert at == sorted(at)
