@@ -65,6 +65,21 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
     return raw
 
 
+def _refuse_unsafe(values: Mapping[str, Any], *, on_cloud_run: bool) -> None:
+    """Settings that would break a promise, refused at start rather than met in production."""
+    if values["twilio_signature_bypass_local"] and on_cloud_run:
+        # K_SERVICE is set by Cloud Run: a deployed function never skips Twilio's signature,
+        # whatever a copied .env says.
+        raise ValueError("TWILIO_SIGNATURE_BYPASS=local-only is refused on Cloud Run (K_SERVICE is set)")
+    longest = longest_delivery_seconds(values["twilio_timeout_seconds"])
+    if values["lease_seconds"] < longest:
+        # A live sender whose lease lapses races the sweep's reconciler for the same message.
+        raise ValueError(
+            f"CLAIM_LEASE_SECONDS must be at least {longest} (the longest delivery with"
+            f" TWILIO_TIMEOUT_SECONDS={values['twilio_timeout_seconds']}), got {values['lease_seconds']}"
+        )
+
+
 def _optional_int(env: Mapping[str, str], name: str) -> int | None:
     """0 or unset: none (no cap)."""
     return _int(env, name, 0) or None
@@ -194,10 +209,6 @@ class Settings:
         values |= {name: _flag(e, var, getattr(cls, name)) for name, var in _FLAGS}
         values["log_level"] = str(values["log_level"]).upper()
         values["twilio_signature_bypass_local"] = (_str(e, "TWILIO_SIGNATURE_BYPASS") or "") == "local-only"
-        if values["twilio_signature_bypass_local"] and _str(e, "K_SERVICE"):
-            # K_SERVICE is set by Cloud Run: a deployed function never skips Twilio's signature,
-            # whatever a copied .env says.
-            raise ValueError("TWILIO_SIGNATURE_BYPASS=local-only is refused on Cloud Run (K_SERVICE is set)")
         values["account_caps"] = AccountCaps(
             per_second=_optional_int(e, "ACCOUNT_RATE_PER_SECOND"),
             hourly=_optional_int(e, "ACCOUNT_HOURLY_LIMIT"),
@@ -205,22 +216,15 @@ class Settings:
             unit=_choice(e, "ACCOUNT_CAPS_UNIT", AccountCaps.unit, ("messages", "segments")),
         )
         values["limits"] = _limits(e)
-        longest = longest_delivery_seconds(values["twilio_timeout_seconds"])
-        if values["lease_seconds"] < longest:
-            # A live sender whose lease lapses races the sweep's reconciler for the same message.
-            raise ValueError(
-                f"CLAIM_LEASE_SECONDS must be at least {longest} (the longest delivery with"
-                f" TWILIO_TIMEOUT_SECONDS={values['twilio_timeout_seconds']}), got {values['lease_seconds']}"
-            )
-        values["caller_identity"] = (_str(e, "CALLER_IDENTITY") or cls.caller_identity).lower()
-        if values["caller_identity"] not in identity.MODES:
-            raise ValueError(f"CALLER_IDENTITY must be one of {', '.join(identity.MODES)}")
+        values["caller_identity"] = _choice(e, "CALLER_IDENTITY", cls.caller_identity, identity.MODES)
         values["agent_identities"] = identity.parse_identities(_str(e, "AGENT_IDENTITIES"))
-        values["compliance_profile"] = (_str(e, "COMPLIANCE_PROFILE") or cls.compliance_profile).lower()
-        if values["compliance_profile"] not in ("us", "none"):
-            raise ValueError("COMPLIANCE_PROFILE must be us or none")
-        urgent = _str(e, "URGENT_AGENTS")
-        values["urgent_agents"] = frozenset(a.strip() for a in (urgent or "").split(",") if a.strip())
+        values["compliance_profile"] = _choice(
+            e, "COMPLIANCE_PROFILE", cls.compliance_profile, ("us", "none")
+        )
+        values["urgent_agents"] = frozenset(
+            a.strip() for a in (_str(e, "URGENT_AGENTS") or "").split(",")
+        ) - {""}
+        _refuse_unsafe(values, on_cloud_run=bool(_str(e, "K_SERVICE")))
         return cls(**values)
 
     def keyword_reply(self, keyword: str | None) -> str | None:

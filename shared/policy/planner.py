@@ -85,12 +85,7 @@ class _Planner:
         urgent_skips_quiet: bool = True,
     ) -> None:
         self.lim = lim = user.limits(defaults)
-        # The user's day (budgets, window) is in their first zone; quiet and calling hours hold in
-        # every zone they may be in (shared.compliance).
-        zones = [zone(z) for z in user.zones] or [zone(user.timezone)]
-        self.tz = zones[0]
-        self.quiet_zones = zones
-        self.calling_hours = [(h, [zone(z) for z in h.zones] or zones) for h in user.calling_hours]
+        self._place(user, history, can_delay)
         self.priority = priority
         self.can_delay = can_delay
         self.span = span
@@ -99,11 +94,6 @@ class _Planner:
         self.last_in = last_in = last_in and last_in.astimezone(UTC)
         self.active_until = last_in and last_in + lim.active_window
         self.points = _points(history, priority, can_delay)
-        self.topic_cap = user.topic_limit
-        self.topic_points = sorted(
-            p.astimezone(UTC)
-            for p in (*history.topic_sends, *(history.topic_reservations if can_delay else ()))
-        )
         self.cap = lim.cap(priority, can_delay)
         self.full_cap = lim.daily_limit
         self.quiet = not (priority == "urgent" and urgent_skips_quiet) and lim.quiet_hours_enabled
@@ -112,6 +102,18 @@ class _Planner:
         self.window = (
             Window.of(user, lim, self.quiet, span) if can_delay and priority in ("medium", "low") else None
         )
+
+    def _place(self, user: UserSettings, history: History, can_delay: bool) -> None:
+        """Where the user is and the law there (shared.compliance): the user's day (budgets, window)
+        is in their first zone; quiet and calling hours hold in every zone they may be in; a state's
+        per-topic limit counts the topic's sends (and, if the message may wait, its queued ones)."""
+        zones = [zone(z) for z in user.zones] or [zone(user.timezone)]
+        self.tz = zones[0]
+        self.quiet_zones = zones
+        self.calling_hours = [(h, [zone(z) for z in h.zones] or zones) for h in user.calling_hours]
+        self.topic_cap = user.topic_limit
+        queued = history.topic_reservations if can_delay else ()
+        self.topic_points = sorted(p.astimezone(UTC) for p in (*history.topic_sends, *queued))
 
     def violation(self, t: datetime) -> Violation | None:
         """The first rule `t` breaks and the earliest instant that rule could allow, or None."""

@@ -12,7 +12,6 @@ knows about HTTP, psycopg, gRPC or Twilio's client.
 """
 
 from shared.domain import Policy
-from shared.parsing import parse_task
 from shared.service.common import Clock
 from shared.service.consent import consent_history
 from shared.service.conversations import drain_events, inbound, status_callback
@@ -20,6 +19,7 @@ from shared.service.deliver import deliver
 from shared.service.reconcile import reconcile
 from shared.service.schedule import ScheduleResult, cancel, get_message, schedule, schedule_request
 from shared.service.sweep import HealthReport, health, sweep
+from shared.small_requests import parse_task
 
 __all__ = [
     "Clock",

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from shared.errors import ForbiddenAgent, NotFound
 from shared.identity import ANY_AGENT, Caller
 from shared.models import ConsentHistory
-from shared.parsing import ConsentQuery
 from shared.ports import Store
+from shared.small_requests import ConsentQuery
 
 
 def consent_history(

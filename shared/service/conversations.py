@@ -140,6 +140,29 @@ def drain_events(
             bad.append((e.id, f"{type(exc).__name__}: {exc}"))
             continue
         done.append(e.id)
+    _settle(store, clock, done, failed, error, bad, untried=len(pending) - len(done) - len(failed) - len(bad))
+    if stopped and not failed:
+        event(
+            log,
+            logging.INFO,
+            "events: drain time budget spent; the rest is kept for the next drain",
+            untried=len(pending) - len(done) - len(bad),
+        )
+    return Drained(len(done), len(failed), len(bad), stopped)
+
+
+def _settle(
+    store: Store,
+    clock: Clock,
+    done: list[int],
+    failed: list[int],
+    error: str,
+    bad: list[tuple[int, str]],
+    *,
+    untried: int,
+) -> None:
+    """A drain's results into the outbox: published, failed with Pub/Sub's error, or each bad
+    event failed with its own."""
     if done:
         store.events_published(done, clock())
     if failed:
@@ -149,17 +172,9 @@ def drain_events(
             logging.WARNING,
             "events: publish failed; the rest is kept for the next drain",
             failed=len(failed),
-            untried=len(pending) - len(done) - len(failed) - len(bad),
+            untried=untried,
             error=error,
         )
     for event_id, why in bad:
         store.events_failed([event_id], why, clock())
         event(log, logging.ERROR, "events: an event could not be published", eventId=event_id, error=why)
-    if stopped and not failed:
-        event(
-            log,
-            logging.INFO,
-            "events: drain time budget spent; the rest is kept for the next drain",
-            untried=len(pending) - len(done) - len(bad),
-        )
-    return Drained(len(done), len(failed), len(bad), stopped)

@@ -13,7 +13,6 @@ from typing import Any
 from shared import policy
 from shared.domain import FINAL_STATUSES, SENDING, Policy, StoredMessage, sequence_span
 from shared.models import Claim, Outcome
-from shared.parsing import parse_task
 from shared.policy import rules
 from shared.ports import Renderer, SmsSender, Store, TaskQueue
 from shared.service.attempt import DeliveryAttempt
@@ -21,6 +20,7 @@ from shared.service.common import Clock, located, outcome
 from shared.service.content import prepare_content
 from shared.service.reconcile import DEFERRED, reconcile
 from shared.service.send import send
+from shared.small_requests import parse_task
 
 
 def deliver(

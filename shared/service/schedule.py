@@ -27,11 +27,12 @@ from shared.errors import (
 from shared.identity import ANYONE, Caller
 from shared.log import event
 from shared.models import CancelResult, EnqueueResult, NewMessage, Rendered, UserContext, iso
-from shared.parsing import CancelRequest, ScheduleRequest, parse_uuid
+from shared.parsing import ScheduleRequest, parse_uuid
 from shared.policy import Decision, rules
 from shared.ports import Renderer, Store, TaskQueue
 from shared.service.common import located, log, wake
 from shared.service.content import error_usage, render, render_parts
+from shared.small_requests import CancelRequest
 
 # Plans that mean the message will never go out: the request is refused with the error.
 REFUSED: dict[str, type[OrchestratorError]] = {

@@ -80,6 +80,27 @@ def _content(row: dict[str, Any], data: Any) -> str:
     return row.get("final_message") or (data.get("content") if isinstance(data, dict) else None) or ""
 
 
+def _delivery(doc: dict[str, Any]) -> dict[str, Any]:
+    """What Twilio's receipts said (mq_get only), as StoredMessage's fields."""
+    return {
+        "delivery_status": doc.get("status"),
+        "delivered_at": instant(doc.get("delivered_at")),
+        "delivery_error_code": doc.get("error_code"),
+    }
+
+
+def _timeline(entries: list[dict[str, Any]]) -> tuple[TimelineEntry, ...]:
+    return tuple(
+        TimelineEntry(
+            at=_required_instant(e["at"]),
+            action=str(e["action"]),
+            output=dict(e.get("output") or {}),
+            error=e.get("error"),
+        )
+        for e in entries
+    )
+
+
 def message(row: dict[str, Any]) -> StoredMessage:
     data = row.get("message_data") or {}
     return StoredMessage(
@@ -112,18 +133,8 @@ def message(row: dict[str, Any]) -> StoredMessage:
         requires_fresh_context=bool(row.get("requires_fresh_context")),
         render_attempts=int(row.get("render_attempts") or 0),
         transactional=bool(row.get("transactional")),
-        delivery_status=(row.get("delivery") or {}).get("status"),
-        delivered_at=instant((row.get("delivery") or {}).get("delivered_at")),
-        delivery_error_code=(row.get("delivery") or {}).get("error_code"),
-        timeline=tuple(
-            TimelineEntry(
-                at=_required_instant(e["at"]),
-                action=str(e["action"]),
-                output=dict(e.get("output") or {}),
-                error=e.get("error"),
-            )
-            for e in row.get("timeline") or []
-        ),
+        **_delivery(row.get("delivery") or {}),
+        timeline=_timeline(row.get("timeline") or []),
         segments=_segments(row),
     )
 

@@ -109,34 +109,11 @@ def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[st
     pending file older than the last applied one (the CLI's chronological order); either way the
     database is left as it was."""
     files = migrations(directory)
-    by_version = {m.version: m for m in files}
     applied_now: list[str] = []
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("select pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
-            # The history, the check and the adoption of the previous runner's table in one
-            # transaction: a refused database keeps its tables exactly as they were.
-            with conn.transaction():
-                for statement in _CREATE_HISTORY:
-                    conn.execute(statement)
-                done = {
-                    row[0]
-                    for row in conn.execute("select version from supabase_migrations.schema_migrations")
-                }
-                legacy = _legacy_versions(conn)
-                unknown = sorted((done | set(legacy or {})) - by_version.keys())
-                if unknown:
-                    raise MigrationHistoryError(
-                        f"the database has migrations applied that {directory} does not have:"
-                        f" {', '.join(unknown)}; recreate the database (a local one: remove .dev/pgdata)"
-                    )
-                if legacy is not None:
-                    for version in sorted(legacy.keys() - done):
-                        migration = by_version[version]
-                        conn.execute(_INSERT_VERSION, (version, migration.name, [migration.path.read_text()]))
-                    conn.execute(f"drop table {_LEGACY_TABLE}")
-                    log.info("adopted %d version(s) from %s and dropped it", len(legacy), _LEGACY_TABLE)
-                    done |= legacy.keys()
+            done = _history(conn, {m.version: m for m in files}, directory)
             pending = [m for m in files if m.version not in done]
             late = [m.path.name for m in pending if done and m.version < max(done)]
             if late:
@@ -145,21 +122,48 @@ def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[st
                     " rename it with a later timestamp (supabase db push refuses it too)"
                 )
             for migration in pending:
-                # As the CLI does before each file: a file's session settings (set_config(...,
-                # false), a `set search_path`) do not leak into the next one.
-                conn.execute("reset all")
-                with conn.transaction():
-                    conn.execute(migration.path.read_text())
-                    # The statements column holds the file as its one statement: the CLI splits
-                    # it, but reads only the versions to decide what is pending.
-                    conn.execute(
-                        _INSERT_VERSION, (migration.version, migration.name, [migration.path.read_text()])
-                    )
+                _apply(conn, migration)
                 applied_now.append(migration.stem)
-                log.info("applied migration %s", migration.stem)
         finally:
             conn.execute("select pg_advisory_unlock(%s)", (_LOCK_KEY,))
     return applied_now
+
+
+def _history(conn: psycopg.Connection[Any], by_version: dict[str, Migration], directory: Path) -> set[str]:
+    """The versions applied, from the CLI's history table (created if missing), after adopting the
+    previous runner's table. The history, the check and the adoption are one transaction: a
+    refused database keeps its tables exactly as they were."""
+    with conn.transaction():
+        for statement in _CREATE_HISTORY:
+            conn.execute(statement)
+        done = {row[0] for row in conn.execute("select version from supabase_migrations.schema_migrations")}
+        legacy = _legacy_versions(conn)
+        unknown = sorted((done | set(legacy or {})) - by_version.keys())
+        if unknown:
+            raise MigrationHistoryError(
+                f"the database has migrations applied that {directory} does not have:"
+                f" {', '.join(unknown)}; recreate the database (a local one: remove .dev/pgdata)"
+            )
+        if legacy is not None:
+            for version in sorted(legacy.keys() - done):
+                migration = by_version[version]
+                conn.execute(_INSERT_VERSION, (version, migration.name, [migration.path.read_text()]))
+            conn.execute(f"drop table {_LEGACY_TABLE}")
+            log.info("adopted %d version(s) from %s and dropped it", len(legacy), _LEGACY_TABLE)
+            done |= legacy.keys()
+    return done
+
+
+def _apply(conn: psycopg.Connection[Any], migration: Migration) -> None:
+    # As the CLI does before each file: a file's session settings (set_config(..., false), a
+    # `set search_path`) do not leak into the next one.
+    conn.execute("reset all")
+    with conn.transaction():
+        conn.execute(migration.path.read_text())
+        # The statements column holds the file as its one statement: the CLI splits it, but reads
+        # only the versions to decide what is pending.
+        conn.execute(_INSERT_VERSION, (migration.version, migration.name, [migration.path.read_text()]))
+    log.info("applied migration %s", migration.stem)
 
 
 def main(argv: list[str] | None = None) -> int:

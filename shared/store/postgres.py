@@ -16,7 +16,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shared.errors import StoreError, StoreUnavailable
-from shared.store.store import Json, SqlStore
+from shared.store.driver import Json
+from shared.store.store import SqlStore
 
 
 @lru_cache(maxsize=256)

@@ -10,31 +10,14 @@ scalar), decoded by shared.store.decode.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from shared import models, segments
 from shared.domain import AccountCaps, Admission, Limits, StoredMessage
 from shared.log import scrub
 from shared.store import decode
-
-
-@dataclass(frozen=True, slots=True)
-class Json:
-    """A jsonb argument. Explicit because the Python type cannot tell: a list may be a SQL array
-    (bigint[] ids) or a JSON array (a sequence's parts), and each driver encodes JSON its own way."""
-
-    value: Any
-
-
-class Driver(Protocol):
-    def call(self, function: str, /, **args: Any) -> Any:
-        """`function(p_<name> => value, ...)`; its result as Python values. Raises StoreUnavailable
-        when the database cannot be reached, StoreError when it refused the call."""
-        ...
-
-    def close(self) -> None: ...
+from shared.store.driver import Driver, Json
 
 
 def _json(value: Any) -> Json | None:

@@ -25,7 +25,8 @@ from postgrest.exceptions import APIError
 from supabase import Client, ClientOptions, create_client
 
 from shared.errors import StoreError, StoreUnavailable
-from shared.store.store import Json, SqlStore
+from shared.store.driver import Json
+from shared.store.store import SqlStore
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from shared.domain import AccountCaps, Limits
 from shared.models import Claim, NewMessage
 from shared.parsing import ScheduleRequest
 from shared.render import ClaudeRenderer
+from shared.store.driver import Json
 from shared.store.postgres import PostgresStore
-from shared.store.store import Json
 from tests.support.constants import MAIN, T0
 from tests.support.factories import make_user, row, sql, table_counts
 from tests.support.fake_anthropic import FakeAnthropic, text
