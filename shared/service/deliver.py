@@ -12,8 +12,8 @@ from typing import Any
 
 from shared import policy
 from shared.domain import FINAL_STATUSES, SENDING, Policy, StoredMessage, sequence_span
-from shared.models import Claim, Outcome
-from shared.policy import rules
+from shared.models import Claim, Outcome, UserContext
+from shared.policy import Decision, rules
 from shared.ports import Renderer, SmsSender, Store, TaskQueue
 from shared.service.attempt import DeliveryAttempt
 from shared.service.common import Clock, located, outcome
@@ -108,10 +108,10 @@ def remaining_span(m: StoredMessage) -> timedelta:
     return timedelta(seconds=sequence_span(tuple(p for p in m.parts if not p.sent)))
 
 
-def _recheck(a: DeliveryAttempt) -> Outcome | None:
-    """The policy at execution time, against the sends made so far."""
-    m, user = a.message, a.ctx.user
-    decision = policy.check_now(
+def _check(a: DeliveryAttempt, user: UserContext) -> Decision:
+    """The policy now, for this message and this view of its user."""
+    m = a.message
+    return policy.check_now(
         user.settings,
         a.config.limits,
         user.history,
@@ -121,6 +121,12 @@ def _recheck(a: DeliveryAttempt) -> Outcome | None:
         span=remaining_span(m),
         urgent_skips_quiet=a.config.privileged(m.agent_id),
     )
+
+
+def _recheck(a: DeliveryAttempt) -> Outcome | None:
+    """The policy at execution time, against the sends made so far."""
+    m, user = a.message, a.ctx.user
+    decision = _check(a, user)
     if rules.never_sends(decision.reason):
         return a.fail(decision.reason, policy.REASONS[decision.reason])
     if rules.yields_to(m.priority, user.history.reservations, a.now):
@@ -145,16 +151,7 @@ def _replan(a: DeliveryAttempt, reason: str, *, refresh: bool) -> Outcome:
         fresh = a.store.user_context(m.user_id, a.now, exclude=m.id)
         if fresh is not None:
             user = located(fresh, a.config, m.agent_id, transactional=m.transactional)
-    decision = policy.check_now(
-        user.settings,
-        a.config.limits,
-        user.history,
-        a.now,
-        m.priority,
-        m.can_delay,
-        span=remaining_span(m),
-        urgent_skips_quiet=a.config.privileged(m.agent_id),
-    )
+    decision = _check(a, user)
     if rules.never_sends(decision.reason):
         return a.fail(decision.reason, policy.REASONS[decision.reason])
     return a.defer_before_expiry(rules.replan_at(decision.at, reason, a.now, a.config.limits), reason)
