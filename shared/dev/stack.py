@@ -309,6 +309,11 @@ class LocalStack:
             os.killpg(proc.pid, sig)
         proc.wait(timeout=10)
 
+    def stop_pubsub(self) -> None:
+        """Stop the Pub/Sub emulator (an outage): the functions keep its address, and fail to reach it."""
+        if self._pubsub is not None:
+            self._pubsub.stop()
+
     def restart(self, name: str) -> None:
         """Kill the process (if it still runs), start it again as it was first started, and wait
         until it answers HTTP."""

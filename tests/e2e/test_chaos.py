@@ -15,7 +15,11 @@ production code alone decides what was sent."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.parse
+import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -65,14 +69,7 @@ def test_deliveries_survive_sigkilled_senders_each_message_sent_once(
     stack: LocalStack, database_url: str
 ) -> None:
     started = time.monotonic()
-    store = PostgresStore(database_url)
-    try:
-        phones = [f"+1555900{i:04d}" for i in range(USERS)]
-        users = [make_user(store, "Pacific/Kiritimati", phone=p) for p in phones]
-        for user in users:
-            make_active(store, user, datetime.now(UTC))
-    finally:
-        store.close()
+    users, phones = _users(database_url, USERS)
     victim = phones[0]
     # The first send to the victim: accepted at once, answered HELD_ANSWER_SECONDS later.
     code, _ = stack.post_json(
@@ -81,14 +78,7 @@ def test_deliveries_survive_sigkilled_senders_each_message_sent_once(
     )
     assert code == 201
 
-    accepted: dict[str, tuple[str, str]] = {}  # messageId -> (phone, content)
-    for j in range(PER_USER):
-        for user, phone in zip(users, phones, strict=True):
-            content = f"chaos {phone[-4:]} #{j}"
-            body = {"userId": str(user), "agentId": "chaos", "messageData": {"content": content}}
-            code, answer = stack.post_json(stack.schedule_url, body)
-            assert code == 201, answer
-            accepted[answer["messageId"]] = (phone, content)
+    accepted = _schedule(stack, users, phones, PER_USER)
 
     # (a) Twilio has accepted the victim's message and the sender waits for the answer: kill it.
     _wait_until(lambda: any(m["to"] == victim for m in stack.sink_messages()), 15, "the victim's send")
@@ -97,8 +87,110 @@ def test_deliveries_survive_sigkilled_senders_each_message_sent_once(
     _wait_until(lambda: len(stack.sink_messages()) >= USERS + 3, 15, "more sends after the restart")
     _kill_deliver(stack, database_url)
 
-    _drive_to_quiescence(stack, database_url, set(accepted), timeout=45)
+    _drive_to_quiescence(stack, database_url, timeout=45)
 
+    rows = _judge(stack, database_url, accepted)
+    # The message killed between Twilio's accept and the record was recorded, not resent.
+    [victim_first] = [i for i, (p, c) in accepted.items() if p == victim and c.endswith("#0")]
+    assert rows[victim_first][0] == "sent"
+    assert time.monotonic() - started < 75
+
+
+@pytest.fixture
+def pubsub_stack(tmp_path: Path, database_url: str, pubsub_emulator: object) -> Iterator[LocalStack]:
+    # pubsub_emulator: only for its loud failure in CI (or skip locally) when gcloud is missing.
+    s = LocalStack(
+        tmp_path / "stack",
+        ports=Ports.free(),
+        database_url=database_url,
+        extra_env=ENV,
+        quiet=True,
+        use_pubsub=True,
+        sweep_interval=0,
+    )
+    with s:
+        yield s
+
+
+def test_a_pubsub_outage_stalls_neither_deliveries_nor_webhooks_and_events_wait_in_the_outbox(
+    pubsub_stack: LocalStack, database_url: str
+) -> None:
+    stack = pubsub_stack
+    started = time.monotonic()
+    users, phones = _users(database_url, 4)
+    accepted = _schedule(stack, users, phones, 3)
+    _wait_until(lambda: len(stack.sink_messages()) >= 4, 15, "the first sends")
+    code, report = stack.post_json(stack.url_of("process_queue"), {})
+    assert code == 200, report
+    published = sql(database_url, "select count(*) from events_outbox where published_at is not null")
+    assert published[0][0] >= 1, "no event reached Pub/Sub before the outage"
+
+    stack.stop_pubsub()
+    # An inbound reply while Pub/Sub is down: answered at once (Twilio gives a webhook 15 s).
+    form = {"From": phones[1], "To": "+15005550006", "Body": "thanks", "MessageSid": "SMchaos1"}
+    t0 = time.monotonic()
+    with urllib.request.urlopen(
+        urllib.request.Request(stack.url_of("twilio_inbound"), data=urllib.parse.urlencode(form).encode()),
+        timeout=10,
+    ) as r:
+        assert r.status == 200
+    assert time.monotonic() - t0 < 3
+
+    # Nothing a delivery needs goes through Pub/Sub: Cloud Tasks alone delivers the rest.
+    _drive_to_quiescence(stack, database_url, timeout=30, sweep=False)
+    _judge(stack, database_url, accepted)
+    # The sweep still answers, in bounded time: its drain gives up at the first failed publish.
+    t0 = time.monotonic()
+    request = urllib.request.Request(stack.url_of("process_queue"), data=b"{}", method="POST")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=40) as r:
+        counts = json.load(r)["counts"]
+    assert time.monotonic() - t0 < 30
+    assert counts["events_failed"] >= 1, counts
+    # What could not be published waits in the outbox, with the error, for the next sweeps.
+    [(pending, with_error)] = sql(
+        database_url,
+        "select count(*), count(last_error) from events_outbox where published_at is null",
+    )
+    assert pending >= 1 and with_error >= 1, (pending, with_error)
+    assert sql(
+        database_url, "select count(*) from messages where direction = 'inbound' and content = 'thanks'"
+    ) == [(1,)]
+    assert time.monotonic() - started < 60
+
+
+def _users(database_url: str, count: int) -> tuple[list[uuid.UUID], list[str]]:
+    store = PostgresStore(database_url)
+    try:
+        phones = [f"+1555900{i:04d}" for i in range(count)]
+        users = [make_user(store, "Pacific/Kiritimati", phone=p) for p in phones]
+        for user in users:
+            make_active(store, user, datetime.now(UTC))  # active: no quiet hours, whatever the hour
+    finally:
+        store.close()
+    return users, phones
+
+
+def _schedule(
+    stack: LocalStack, users: list[uuid.UUID], phones: list[str], per_user: int
+) -> dict[str, tuple[str, str]]:
+    """`per_user` messages for each user, due now, round robin; messageId -> (phone, content)."""
+    accepted: dict[str, tuple[str, str]] = {}
+    for j in range(per_user):
+        for user, phone in zip(users, phones, strict=True):
+            content = f"chaos {phone[-4:]} #{j}"
+            body = {"userId": str(user), "agentId": "chaos", "messageData": {"content": content}}
+            code, answer = stack.post_json(stack.schedule_url, body)
+            assert code == 201, answer
+            accepted[answer["messageId"]] = (phone, content)
+    return accepted
+
+
+def _judge(
+    stack: LocalStack, database_url: str, accepted: dict[str, tuple[str, str]]
+) -> dict[str, tuple[Any, ...]]:
+    """Every accepted message sent exactly once or final with a reason, from the database and the
+    sink only; the rows by message id: (status, reason, sid, final_message, phone)."""
     rows = {
         str(r[0]): r[1:]
         for r in sql(
@@ -130,10 +222,7 @@ def test_deliveries_survive_sigkilled_senders_each_message_sent_once(
             assert not any(m["to"] == to and m["body"] == content for m in sink), message_id
     # Everything the sink accepted belongs to one sent row.
     assert sent_sids == set(by_sid)
-    # The message killed between Twilio's accept and the record was recorded, not resent.
-    [victim_first] = [i for i, (p, c) in accepted.items() if p == victim and c.endswith("#0")]
-    assert rows[victim_first][0] == "sent"
-    assert time.monotonic() - started < 75
+    return rows
 
 
 def _kill_deliver(stack: LocalStack, database_url: str) -> None:
@@ -149,14 +238,16 @@ def _kill_deliver(stack: LocalStack, database_url: str) -> None:
     stack.restart("deliver_message")
 
 
-def _drive_to_quiescence(stack: LocalStack, database_url: str, ids: set[str], timeout: float) -> None:
-    """Sweep until every accepted row is final and the sink has been quiet for a moment."""
+def _drive_to_quiescence(stack: LocalStack, database_url: str, timeout: float, *, sweep: bool = True) -> None:
+    """Sweep (or, with `sweep=False`, leave it to Cloud Tasks) until every row is final and the
+    sink has been quiet for a moment."""
     deadline = time.monotonic() + timeout
     last: tuple[Any, ...] = ()
     stable_since = time.monotonic()
     while time.monotonic() < deadline:
-        code, report = stack.post_json(stack.url_of("process_queue"), {})
-        assert code == 200, report
+        if sweep:
+            code, report = stack.post_json(stack.url_of("process_queue"), {})
+            assert code == 200, report
         open_rows = sql(
             database_url, "select id, status from message_queue where status <> all(%s)", sorted(FINAL)
         )
