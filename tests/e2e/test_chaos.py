@@ -25,17 +25,22 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
+from psycopg import sql as pgsql
 
 from shared.dev.stack import LocalStack, Ports
 from shared.store.postgres import PostgresStore
 from tests.support.factories import make_active, make_user, sql
+from tests.support.pg import with_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 USERS = 6
 PER_USER = 5
+DB_OUTAGE_SECONDS = 0.8  # under deliver's record retries (shared.service.send.RECORD_RETRY_DELAYS)
 HELD_ANSWER_SECONDS = 6  # the sink's late answer; under TWILIO_TIMEOUT_SECONDS, so the sender waits
 FINAL = {"sent", "failed", "cancelled", "expired", "superseded"}
 ENV = {
@@ -159,6 +164,31 @@ def test_a_pubsub_outage_stalls_neither_deliveries_nor_webhooks_and_events_wait_
     assert time.monotonic() - started < 60
 
 
+def test_a_database_outage_mid_run_loses_and_doubles_nothing(stack: LocalStack, database_url: str) -> None:
+    """The test's own database refuses connections for a moment and every open connection to it is
+    cut (what the functions see of a Postgres restart), while messages are being delivered."""
+    started = time.monotonic()
+    users, phones = _users(database_url, 4)
+    accepted = _schedule(stack, users, phones, 4)
+    _wait_until(lambda: len(stack.sink_messages()) >= 3, 15, "the first sends")
+    name = urlsplit(database_url).path.lstrip("/")
+    with psycopg.connect(with_database(database_url, "postgres"), autocommit=True) as admin:
+        admin.execute(sql_identifier("alter database {} allow_connections false", name))
+        try:
+            admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity"
+                " where datname = %s and pid <> pg_backend_pid()",
+                (name,),
+            )
+            time.sleep(DB_OUTAGE_SECONDS)
+        finally:
+            admin.execute(sql_identifier("alter database {} allow_connections true", name))
+
+    _drive_to_quiescence(stack, database_url, timeout=45)
+    _judge(stack, database_url, accepted)
+    assert time.monotonic() - started < 60
+
+
 def _users(database_url: str, count: int) -> tuple[list[uuid.UUID], list[str]]:
     store = PostgresStore(database_url)
     try:
@@ -267,3 +297,7 @@ def _wait_until(check: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def sql_identifier(template: str, name: str) -> pgsql.Composed:
+    return pgsql.SQL(template).format(pgsql.Identifier(name))
