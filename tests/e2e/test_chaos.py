@@ -1,11 +1,17 @@
 """Chaos, end to end: the functions as real functions-framework processes, the Cloud Tasks emulator
-and the SMS sink, loopback only. A few dozen messages for several users are delivered while the
-deliver_message process is SIGKILLed, once exactly between Twilio's accept and the record (the sink
-accepts the message, then holds its answer), once more while whatever else is in flight; each time
-it is started again. Then the system is driven to quiescence (Cloud Tasks retries, process_queue
-sweeps) and judged from the database and the sink's record only: every accepted message was sent
-exactly once (the sink has it once, with the sid its row recorded) or is in a final state with a
-reason; nothing was sent twice; no row is left `sending` or `queued`.
+and the SMS sink, loopback only. Messages for several users are delivered while faults hit:
+
+- deliver_message is SIGKILLed exactly between Twilio's accept and the record (the sink accepts the
+  message, then holds its answer), and once more while whatever else is in flight; each time it is
+  started again;
+- the Pub/Sub emulator is stopped (deliveries, the inbound webhook and the sweep must not stall);
+- the test's own database refuses connections for a moment and has every connection cut (what the
+  functions see of a Postgres restart; the shared test cluster itself is not restarted).
+
+Then the system is driven to quiescence (Cloud Tasks retries, process_queue sweeps) and judged from
+the database and the sink's record only: every accepted message was sent exactly once (the sink has
+it once, under the sid its row recorded) or is in a final state with a reason; nothing was sent
+twice; no row is left `sending` or `queued`.
 
 The one stand-in for waiting: a claim's lease is at least the longest delivery
 (shared.domain.longest_delivery_seconds, 70 s even with TWILIO_TIMEOUT_SECONDS=1), longer than this
