@@ -12,6 +12,7 @@ does (curly quotes, dashes, ellipsis, odd spaces), storing and listing the rewri
 
     POST   /_sink/faults    {"status": 500, "code": 20500, "count": 1, "to": "+1...", "delay_seconds": 2,
                              "accept": false, "drop": false}
+                            ({"accept": true, "delay_seconds": 5}: created at once, answered 5 s later)
     DELETE /_sink/faults
     GET    /_sink/messages[?to=+1...]
     DELETE /_sink/messages
@@ -121,6 +122,8 @@ class Fault:
     `accept`: the message is created (recorded, listed) first and only then the error answered, as
     when Twilio's edge answers 502/504 for a request its API did process. `drop`: no answer at all,
     the connection is closed after the request was read (with `accept`, after creating it).
+    `accept` with only a delay: created at once, answered normally after the delay (a sender that
+    dies while it waits has had its message accepted, and never learns the sid).
     """
 
     status: int | None = None
@@ -151,8 +154,8 @@ class Fault:
             raise ValueError("accept and drop must be booleans")
         if drop and status is not None:
             raise ValueError("a dropped connection has no status")
-        if accept and status is None and not drop:
-            raise ValueError("accept needs a status or drop (a delay alone accepts anyway)")
+        if accept and status is None and not drop and delay == 0:
+            raise ValueError("accept needs a status, a drop or a delay")
         if status is not None and (not isinstance(status, int) or not 400 <= status <= 599):
             raise ValueError("status must be an HTTP error status (400-599)")
         if code is not None and not isinstance(code, int):
@@ -409,6 +412,17 @@ class _Handler(BaseHTTPRequestHandler):
         callback = form.get("StatusCallback") or None
 
         fault = self.server.state.take_fault(to)
+        if fault is not None and fault.accept and fault.status is None and not fault.drop:
+            # Accepted now, answered late: the message exists while its sender still waits.
+            refusal = _refusal(to, from_, service, body, form)
+            if refusal is not None:
+                self._send_error(400, *refusal)
+                return
+            message = self._message(account_sid, to, from_, service, body, callback)
+            self.server.state.add(message)
+            if not self.server.state.stopping.wait(fault.delay_seconds):
+                self._send_json(201, message.resource(status="queued", sent=False))
+            return
         # The wait is interruptible, so stop() never hangs on a slow-answer fault.
         if (
             fault is not None

@@ -13,6 +13,7 @@ process it started. `LocalStack` is also what the end-to-end tests start, on fre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -103,6 +104,7 @@ class LocalStack:
 
     def __post_init__(self) -> None:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._argv: dict[str, tuple[list[str], Mapping[str, str] | None]] = {}
         self._emulator: TasksEmulator | None = None
         self._pubsub: Any = None
         self._pg: Any = None
@@ -293,6 +295,36 @@ class LocalStack:
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read() or b"null")
 
+    # -- faults (the chaos test) -------------------------------------------------------------
+
+    def pid_of(self, name: str) -> int:
+        """The pid of a process the stack started (a function's entry point, or "sms-sink"); it
+        leads its own process group."""
+        return self._procs[name].pid
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the process's whole group (SIGKILL: no clean-up, as when an instance dies) and
+        wait for it to be gone."""
+        proc = self._procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=10)
+
+    def stop_pubsub(self) -> None:
+        """Stop the Pub/Sub emulator (an outage): the functions keep its address, and fail to reach it."""
+        if self._pubsub is not None:
+            self._pubsub.stop()
+
+    def restart(self, name: str) -> None:
+        """Kill the process (if it still runs), start it again as it was first started, and wait
+        until it answers HTTP."""
+        if self._procs[name].poll() is None:
+            self.kill(name)
+        argv, env = self._argv[name]
+        self._spawn(name, argv, env=env)
+        url = f"{self.sink_url}/_sink/health" if name == "sms-sink" else self.url_of(name)
+        self._wait_http(url, name, any_status=name != "sms-sink")
+
     # -- internals ---------------------------------------------------------------------------
 
     def _start_pubsub(self) -> None:
@@ -361,6 +393,7 @@ class LocalStack:
             self._say(f"migrations   applied {', '.join(applied)}")
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> None:
+        self._argv[name] = (argv, env)
         out = (self.workdir / f"{name}.log").open("ab")
         self._procs[name] = subprocess.Popen(
             argv,
