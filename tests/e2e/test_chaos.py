@@ -6,7 +6,8 @@ and the SMS sink, loopback only. Messages for several users are delivered while 
   started again;
 - the Pub/Sub emulator is stopped (deliveries, the inbound webhook and the sweep must not stall);
 - the test's own database refuses connections for a moment and has every connection cut (what the
-  functions see of a Postgres restart; the shared test cluster itself is not restarted).
+  functions see of a Postgres restart), and, on a PostgreSQL server of the test's own, the server
+  itself is stopped and started again mid-run.
 
 Then the system is driven to quiescence (Cloud Tasks retries, process_queue sweeps) and judged from
 the database and the sink's record only: every accepted message was sent exactly once (the sink has
@@ -16,8 +17,8 @@ twice; no row is left `sending` or `queued`.
 The one stand-in for waiting: a claim's lease is at least the longest delivery
 (shared.domain.longest_delivery_seconds, 70 s even with TWILIO_TIMEOUT_SECONDS=1), longer than this
 module may take. A killed process's claims are dead the instant it dies, so the test expires their
-leases (only the claims last written before the kill) instead of waiting them out; from there the
-production code alone decides what was sent."""
+leases (only the claims last written before the kill, or the restart) instead of waiting them out;
+from there the production code alone decides what was sent."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from shared.dev.stack import LocalStack, Ports
 from shared.store.postgres import PostgresStore
 from tests.support.factories import make_active, make_user, sql
 from tests.support.pg import with_database
+from tests.support.supabase_cli import TcpPostgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
@@ -307,3 +309,44 @@ def _wait_until(check: Any, timeout: float, what: str) -> None:
 
 def sql_identifier(template: str, name: str) -> pgsql.Composed:
     return pgsql.SQL(template).format(pgsql.Identifier(name))
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[TcpPostgres]:
+    """A PostgreSQL server of this test's own (on 127.0.0.1), so it can really be stopped."""
+    try:
+        server = TcpPostgres()
+    except RuntimeError as exc:
+        pytest.skip(f"no PostgreSQL binaries to run a server of the test's own: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_postgres_restart_mid_run_loses_and_doubles_nothing(
+    tmp_path: Path, own_postgres: TcpPostgres
+) -> None:
+    """The database server itself stops (every session cut) and starts again while messages are
+    delivered: the functions reconnect, and every message is sent once or final with a reason."""
+    started = time.monotonic()
+    database_url = own_postgres.create_database("chaos")
+    with LocalStack(
+        tmp_path / "stack", ports=Ports.free(), database_url=database_url, extra_env=ENV, quiet=True
+    ) as stack:
+        users, phones = _users(database_url, 4)
+        accepted = _schedule(stack, users, phones, 4)
+        _wait_until(lambda: len(stack.sink_messages()) >= 3, 15, "the first sends")
+        own_postgres.restart(down_seconds=0.5)
+        restarted_at = datetime.now(UTC)
+        # A record cut by the restart leaves its claim to the lease; expire those now rather than
+        # wait 240 s (as after a SIGKILL: only a cut session could hold them).
+        sql(
+            database_url,
+            "update message_queue set lease_expires_at = now()"
+            " where status = 'sending' and updated_at <= %s and lease_expires_at > now()",
+            restarted_at,
+        )
+        _drive_to_quiescence(stack, database_url, timeout=45)
+        _judge(stack, database_url, accepted)
+    assert time.monotonic() - started < 75
