@@ -441,13 +441,13 @@ def test_an_accepted_send_answered_late_exists_while_its_sender_waits(
     """accept with only a delay (the chaos test's fault): created at once, answered normally later."""
     import threading
 
-    sms_sink.add_fault(accept=True, delay_seconds=3.0)
+    sms_sink.add_fault(accept=True, delay_seconds=1.0)
     results: list[str] = []
     sender = threading.Thread(
         target=lambda: results.append(twilio_sender.send(TO, "held", message_id=uuid.uuid4()))
     )
     sender.start()
-    [recorded] = sms_sink.wait_for(1, timeout=2.5)
+    [recorded] = sms_sink.wait_for(1, timeout=0.8)
     assert sender.is_alive(), "answered before the delay"
-    sender.join(timeout=10)
+    sender.join(timeout=5)
     assert recorded["body"] == "held" and results == [recorded["sid"]]
