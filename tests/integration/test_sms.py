@@ -438,16 +438,17 @@ def test_find_sent_when_twilio_cannot_be_asked_is_transient() -> None:
 def test_an_accepted_send_answered_late_exists_while_its_sender_waits(
     sms_sink: SmsSink, twilio_sender: TwilioSender
 ) -> None:
-    """accept with only a delay (the chaos test's fault): created at once, answered normally later."""
+    """accept with only a delay (the chaos test's fault): created at once, answered normally later.
+    The delay stays well under the fixture client's 1 s read timeout, or the send would time out."""
     import threading
 
-    sms_sink.add_fault(accept=True, delay_seconds=1.0)
+    sms_sink.add_fault(accept=True, delay_seconds=0.5)
     results: list[str] = []
     sender = threading.Thread(
         target=lambda: results.append(twilio_sender.send(TO, "held", message_id=uuid.uuid4()))
     )
     sender.start()
-    [recorded] = sms_sink.wait_for(1, timeout=0.8)
+    [recorded] = sms_sink.wait_for(1, timeout=0.4)
     assert sender.is_alive(), "answered before the delay"
     sender.join(timeout=5)
     assert recorded["body"] == "held" and results == [recorded["sid"]]
