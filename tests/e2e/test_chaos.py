@@ -265,15 +265,20 @@ def _judge(
 
 def _kill_deliver(stack: LocalStack, database_url: str) -> None:
     stack.kill("deliver_message")
-    killed_at = datetime.now(UTC)
     # Its claims died with it: expire their leases now rather than wait them out (see the docstring).
+    _expire_claims_before(database_url, datetime.now(UTC))
+    stack.restart("deliver_message")
+
+
+def _expire_claims_before(database_url: str, at: datetime) -> None:
+    """The leases of the claims last written before `at` (held by a process or session that is gone
+    since) end now: the stand-in for waiting them out."""
     sql(
         database_url,
         "update message_queue set lease_expires_at = now()"
         " where status = 'sending' and updated_at <= %s and lease_expires_at > now()",
-        killed_at,
+        at,
     )
-    stack.restart("deliver_message")
 
 
 def _drive_to_quiescence(stack: LocalStack, database_url: str, timeout: float, *, sweep: bool = True) -> None:
@@ -338,15 +343,8 @@ def test_a_postgres_restart_mid_run_loses_and_doubles_nothing(
         accepted = _schedule(stack, users, phones, 4)
         _wait_until(lambda: len(stack.sink_messages()) >= 3, 15, "the first sends")
         own_postgres.restart(down_seconds=0.5)
-        restarted_at = datetime.now(UTC)
-        # A record cut by the restart leaves its claim to the lease; expire those now rather than
-        # wait 240 s (as after a SIGKILL: only a cut session could hold them).
-        sql(
-            database_url,
-            "update message_queue set lease_expires_at = now()"
-            " where status = 'sending' and updated_at <= %s and lease_expires_at > now()",
-            restarted_at,
-        )
+        # A record cut by the restart leaves its claim to the lease (as after a SIGKILL).
+        _expire_claims_before(database_url, datetime.now(UTC))
         _drive_to_quiescence(stack, database_url, timeout=45)
         _judge(stack, database_url, accepted)
     assert time.monotonic() - started < 75
