@@ -3,6 +3,7 @@ not enforced); a benchmark that crashes is reported as an error row instead of a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -95,20 +96,47 @@ def _history() -> str:
     return old[at + 1 :].rstrip() + "\n" if at >= 0 else ""
 
 
-def main() -> int:
+# Sections that need the database, in the order they run: (title, module name in bench/). Each
+# module has ABOUT (the paragraph under its title) and run(pg) -> list[Figure].
+DATABASE_SECTIONS: tuple[tuple[str, str], ...] = (
+    ("Machine", "machine"),
+    ("Schedule and deliver", "db"),
+    ("Sweep", "sweep"),
+    ("Lateness", "lateness"),
+    ("Claim path", "claims"),
+)
+
+
+def _wanted(argv: list[str]) -> set[str] | None:
+    """`--only a,b` (module names, e.g. `--only db,claims`): run those sections alone, to work on one;
+    results.md is then not rewritten, since it would hold a partial run."""
+    if "--only" not in argv:
+        return None
+    at = argv.index("--only")
+    if at + 1 >= len(argv):
+        raise SystemExit("--only needs a comma-separated list of section modules")
+    return {name.strip() for name in argv[at + 1].split(",") if name.strip()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     logging.disable(logging.INFO)  # the use cases log every message; logging is not what is measured
-    from bench import claims, db, lateness, machine, policy, sweep
+    from bench import policy
     from bench.support import Postgres
 
+    wanted = _wanted(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
-    sections = [_section("Policy", policy.ABOUT, policy.run)]
-    database = (
-        ("Machine", machine),
-        ("Schedule and deliver", db),
-        ("Sweep", sweep),
-        ("Lateness", lateness),
-        ("Claim path", claims),
+    sections = (
+        []
+        if wanted is not None and "policy" not in wanted
+        else [_section("Policy", policy.ABOUT, policy.run)]
     )
+    database = [
+        (title, importlib.import_module(f"bench.{name}"))
+        for title, name in DATABASE_SECTIONS
+        if wanted is None or name in wanted
+    ]
     with tempfile.TemporaryDirectory(prefix="mq-bench-") as tmp:
         pg: Postgres | None = None
         try:
@@ -121,7 +149,8 @@ def main() -> int:
                     Section(title, module.ABOUT, [Figure(title, None, "", note="no PostgreSQL")], 0)
                 )
                 continue
-            sections.append(_section(title, module.ABOUT, lambda m=module, server=pg: m.run(server)))
+            run: Callable[[Postgres], list[Figure]] = module.run
+            sections.append(_section(title, module.ABOUT, functools.partial(run, pg)))
         if pg is not None:
             pg.stop()
     elapsed = time.perf_counter() - started
@@ -142,9 +171,10 @@ def main() -> int:
             "Targets are reported, not enforced.",
             "",
             *(s.text() + "\n" for s in sections),
-            *([history] if history else []),
+            *([history] if history and wanted is None else []),
         ]
     )
-    RESULTS.write_text(text)
+    if wanted is None:
+        RESULTS.write_text(text)
     print(text)
     return 0
