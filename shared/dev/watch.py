@@ -167,7 +167,10 @@ def relative(at: datetime, now: datetime) -> str:
     """`in 5m`, `2h ago`: how far the planned time is, so a deferral's length reads at a glance."""
     seconds = int((at - now).total_seconds())
     size = abs(seconds)
-    amount = f"{size}s" if size < 60 else f"{size // 60}m" if size < 3600 else f"{size // 3600}h"
+    unit, scale = next(
+        (u, n) for u, n in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)) if size >= n or n == 1
+    )
+    amount = f"{size // scale}{unit}"
     return "now" if size == 0 else f"in {amount}" if seconds > 0 else f"{amount} ago"
 
 

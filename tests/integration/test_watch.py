@@ -4,8 +4,13 @@ Twilio's status callbacks; time virtual."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -162,3 +167,23 @@ def test_without_a_database_url_it_says_how_to_get_one(monkeypatch: pytest.Monke
     console = Console(record=True, width=120)
     assert watch.main(["--once"], console=console) == 2
     assert "DATABASE_URL" in console.export_text()
+
+
+def test_live_it_refreshes_until_ctrl_c(database_url: str, seeded: dict[str, Any]) -> None:
+    """As an operator runs it: a process that keeps the view up and stops cleanly on Ctrl-C."""
+    root = Path(__file__).resolve().parents[2]
+    env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}
+    argv = [sys.executable, "-m", "shared.dev.watch", "--interval", "0.2", "--width", "200"]
+    proc = subprocess.Popen(
+        argv, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(3)  # the interpreter starts, connects and refreshes a few times
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    # The real clock: the seeded queue is a year and more overdue, what went out long past the window.
+    assert "3 messages" in out and "Meet Sam" in out and "Table at 8" not in out and "Traceback" not in err
