@@ -32,6 +32,7 @@ from rich.text import Text
 SNAPSHOT_SQL = """
 select q.id, q.user_id, u.phone_number, u.timezone, q.agent_id, q.priority, q.status, q.reason,
        q.topic_key, q.scheduled_for, q.sent_at, q.last_error, q.attempts, q.part_count,
+       q.lease_expires_at,
        coalesce(q.final_message, q.message_data->>'content', q.message_data->>'type', '') as text,
        m.status as delivery_status, m.error_code as delivery_error_code, m.delivered_at,
        a.action_type as last_action, a.output_data->>'reason' as last_action_reason,
@@ -109,6 +110,8 @@ def why_of(row: dict[str, Any], state: str, tz: ZoneInfo, now: datetime) -> str:
             parts.append(str(row["last_error"]))
         return "; ".join(parts or [str(row["reason"] or "")])
     parts = [str(row["reason"])] if row["reason"] and row["reason"] != "ok" else []
+    if state == "sending" and row["lease_expires_at"]:
+        parts.append(f"claimed until {local(row['lease_expires_at'], tz, now)}")
     action, action_reason = row["last_action"], row["last_action_reason"]
     if action and not (action == "scheduled" and action_reason == row["reason"]):
         said = f": {action_reason}" if action_reason and action_reason != row["reason"] else ""
@@ -134,7 +137,8 @@ def entry(row: dict[str, Any], now: datetime) -> Entry:
         planned=row["scheduled_for"],
         sent_at=row["sent_at"],
         why=why_of(row, state, tz, now),
-        text=" ".join(str(row["text"]).split()),
+        text=(f"[{row['part_count']} parts] " if row["part_count"] else "")
+        + " ".join(str(row["text"]).split()),
     )
 
 

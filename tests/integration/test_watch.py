@@ -22,7 +22,7 @@ from shared.domain import Limits
 from shared.sms import TwilioSender
 from shared.store.postgres import PostgresStore
 from tests.support.constants import T0
-from tests.support.factories import make_user
+from tests.support.factories import make_user, sql
 from tests.support.fakes import RecordingTaskQueue, VirtualClock
 
 POLICY = service.Policy(limits=Limits(), max_attempts=3)
@@ -30,6 +30,7 @@ POLICY = service.Policy(limits=Limits(), max_attempts=3)
 
 def schedule(store: PostgresStore, tasks: RecordingTaskQueue, user: uuid.UUID, **fields: Any) -> uuid.UUID:
     body = {"userId": str(user), "agentId": "concierge_agent", "messageData": {"content": "hi"}} | fields
+    body = {k: v for k, v in body.items() if v is not None}  # messageData=None: a sequence instead
     return service.schedule(body, store=store, tasks=tasks, config=POLICY, now=T0).message.id
 
 
@@ -187,3 +188,24 @@ def test_live_it_refreshes_until_ctrl_c(database_url: str, seeded: dict[str, Any
     assert proc.returncode == 0, err
     # The real clock: the seeded queue is a year and more overdue, what went out long past the window.
     assert "3 messages" in out and "Meet Sam" in out and "Table at 8" not in out and "Traceback" not in err
+
+
+def test_a_claimed_message_shows_as_sending_and_a_sequence_its_parts(
+    database_url: str, store: PostgresStore, tasks: RecordingTaskQueue
+) -> None:
+    user = make_user(store, "America/Chicago")
+    claimed = schedule(store, tasks, user, messageData={"content": "Going out now"})
+    parts = [{"content": "Great news!"}, {"content": "Sam accepted.", "delaySeconds": 2}]
+    schedule(store, tasks, user, messageData=None, sequence=parts, topicKey="intro")
+    sql(  # as a deliver's claim leaves it, mid-send
+        database_url,
+        "update message_queue set status = 'sending', claim_token = gen_random_uuid(),"
+        " lease_expires_at = %s, slot_at = scheduled_for where id = %s",
+        T0 + timedelta(minutes=2),
+        claimed,
+    )
+    out = run(database_url)
+    sending = cells(out, "Going out now")
+    assert (sending["state"], sending["why"]) == ("sending", "claimed until 10:02:00 CDT")
+    sequence = line(out, "[2 parts]")
+    assert "deferred" in sequence and "intro" in sequence
