@@ -7,7 +7,7 @@ from typing import Any
 
 from shared import policy, service
 from shared.domain import Segments, StoredMessage
-from shared.models import ConsentHistory, iso
+from shared.models import CancelResult, ConsentHistory, iso
 
 
 def segments_json(s: Segments | None) -> dict[str, Any]:
@@ -50,6 +50,20 @@ def message_json(m: StoredMessage) -> dict[str, Any]:
             for p in m.parts
         ]
         or None,
+    }
+
+
+def cancel_json(result: CancelResult) -> dict[str, Any]:
+    """The answer to a cancel: the message, and the reason its agent gave (stored as `lastError`),
+    the first cancel's when it was cancelled before; null if none was given or the message was
+    cancelled by something else (an opt-out: `reason` says what)."""
+    m = result.message
+    assert m is not None
+    return {
+        "success": True,
+        "alreadyCancelled": result.already,
+        **message_json(m),
+        "cancelReason": m.last_error if m.reason == "cancelled" else None,
     }
 
 

@@ -103,6 +103,16 @@ class IdempotencyConflict(Conflict):
     code = "idempotency_key_reused"
 
 
+class PayloadTooLarge(OrchestratorError):
+    """The request body is larger than this function accepts."""
+
+    http_status = 413
+    code = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the body must be at most {limit} bytes ({limit // 1024} KiB)", limit=limit)
+
+
 class TooManyRequests(OrchestratorError):
     """Too many requests; retry later."""
 

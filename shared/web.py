@@ -14,9 +14,16 @@ from xml.sax.saxutils import escape as xml_escape
 import flask
 
 from shared import identity, service
-from shared.answers import consent_json, health_answer, message_json, schedule_body, timeline_json
+from shared.answers import (
+    cancel_json,
+    consent_json,
+    health_answer,
+    message_json,
+    schedule_body,
+    timeline_json,
+)
 from shared.bootstrap import Container
-from shared.errors import Forbidden, OrchestratorError, TooManyRequests, ValidationError
+from shared.errors import Forbidden, OrchestratorError, PayloadTooLarge, TooManyRequests, ValidationError
 from shared.log import event, scrub, set_trace
 from shared.models import SweepReport, iso
 from shared.parsing import ScheduleRequest
@@ -45,7 +52,19 @@ def method_not_allowed(allow: str, message: str | None = None) -> Response:
     return respond(405, body, {"Allow": allow})
 
 
+def _body_bytes(request: flask.Request) -> bytes:
+    """The body, at most MAX_BODY_BYTES (64 KiB): a larger one is a 413, refused by its
+    Content-Length before it is read when it declares one."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(MAX_BODY_BYTES)
+    raw = request.get_data(cache=True)
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(MAX_BODY_BYTES)
+    return raw
+
+
 def _json_body(request: flask.Request) -> Any:
+    raw = _body_bytes(request)  # the size first: a 20 MB body of any type is a 413
     if request.mimetype != "application/json":
         raise ValidationError(
             [
@@ -55,11 +74,6 @@ def _json_body(request: flask.Request) -> Any:
                 }
             ]
         )
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ValidationError([{"field": "body", "reason": f"must be at most {MAX_BODY_BYTES} bytes"}])
-    raw = request.get_data(cache=True)
-    if len(raw) > MAX_BODY_BYTES:
-        raise ValidationError([{"field": "body", "reason": f"must be at most {MAX_BODY_BYTES} bytes"}])
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -124,15 +138,12 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
         cancel = _CANCEL_PATH.match(request.path)
         if cancel:
             # An empty body is allowed: the message id in the path is all a cancel needs.
-            cancel_body = _json_body(request) if request.get_data(cache=True) else None
+            has_body = bool(request.content_length) or bool(request.get_data(cache=True))
+            cancel_body = _json_body(request) if has_body else None
             cancelled = service.cancel(
                 cancel.group("id"), cancel_body, store=c.store, now=c.clock(), caller=caller
             )
-            assert cancelled.message is not None
-            return respond(
-                200,
-                {"success": True, "alreadyCancelled": cancelled.already, **message_json(cancelled.message)},
-            )
+            return respond(200, cancel_json(cancelled))
         now = c.clock()
         parsed = ScheduleRequest.parse(
             _json_body(request),

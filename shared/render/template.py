@@ -37,6 +37,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The verdict says why without a model: the agent reads it in `superseded_reason` and the
+# message.superseded event, and an operator must not mistake it for a model's judgement.
+NO_MODEL_STALE = "the user wrote since it was queued, and no model (ANTHROPIC_API_KEY unset) could judge it"
+
+
 class TemplateRenderer(StructuredRenderer):
     """Deterministic text from `type`, `style` and the fields: no network, no key, no cost.
 
@@ -64,7 +69,7 @@ class TemplateRenderer(StructuredRenderer):
         self, text: str, message_data: Mapping[str, Any], conversation: Sequence[Turn], queued: datetime
     ) -> Relevance:
         if any(t.direction == "inbound" and aware(t.at) > queued for t in conversation):
-            return Relevance(False, "the user wrote since it was queued", Usage(model=TEMPLATE_MODEL))
+            return Relevance(False, NO_MODEL_STALE, Usage(model=TEMPLATE_MODEL))
         return Relevance(True, "the user has not written since it was queued", Usage(model=TEMPLATE_MODEL))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +65,31 @@ def test_every_curl_line_of_readme_works_against_the_local_stack(
         )
         assert proc.returncode == 0, (command, proc.stderr)
         assert proc.stdout.strip() in ("200", "201"), (command, proc.stdout, proc.stderr)
+
+
+def readme_watch_commands() -> list[str]:
+    """The queue watch's command lines (fenced bash blocks that run shared.dev.watch)."""
+    return re.findall(r"```bash\n(\.venv/bin/python -m shared\.dev\.watch[^\n]*)\n```", README.read_text())
+
+
+def test_readmes_watch_command_prints_the_queue(database_url: str) -> None:
+    """Run as a reader would, with DATABASE_URL set, the project's venv being this interpreter's."""
+    commands = readme_watch_commands()
+    assert commands
+    store = PostgresStore(database_url)
+    try:
+        store.upsert_user("+15550009001", "America/Chicago")
+    finally:
+        store.close()
+    root = README.parent
+    for command in commands:
+        argv = [sys.executable, *command.split()[1:]]
+        env = {
+            "DATABASE_URL": database_url,
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(root),
+            "COLUMNS": "120",
+        }
+        proc = subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+        assert "queue at" in proc.stdout and "nothing queued" in proc.stdout, proc.stdout

@@ -347,3 +347,52 @@ def test_an_error_text_is_stored_and_answered_without_the_phone_number(
         message_id,
     )
     assert all("9876" not in (e or "") for (e,) in logged)
+
+
+def test_a_body_over_64_kib_answers_413_with_the_limit_and_writes_nothing(
+    schedule_client: FlaskClient, deliver_client: FlaskClient, store: PostgresStore, database_url: str
+) -> None:
+    user = make_user(store)
+    body = json.dumps(load("valid.json", userId=str(user)))
+    huge = body + " " * (20 * 1024 * 1024)  # 20 MB: valid JSON, only too large
+    before = table_counts(database_url)
+    for client, path in ((schedule_client, "/"), (schedule_client, f"/messages/{uuid.uuid4()}/cancel")):
+        resp = client.post(path, data=huge, content_type="application/json")
+        assert resp.status_code == 413, resp.get_data(as_text=True)
+        answer = resp.get_json()
+        assert answer["error"] == "payload_too_large" and answer["limit"] == 65536
+        assert "65536 bytes (64 KiB)" in answer["message"]
+    # Any type: the size is refused before the Content-Type is looked at.
+    assert schedule_client.post("/", data=huge, content_type="text/plain").status_code == 413
+    assert deliver_client.post("/", data=huge, content_type="application/json").status_code == 413
+    assert table_counts(database_url) == before
+    # The limit itself is accepted.
+    exact = body + " " * (65536 - len(body.encode()))
+    assert schedule_client.post("/", data=exact, content_type="application/json").status_code == 201
+
+
+def test_a_cancel_echoes_its_reason_and_stores_it(
+    schedule_client: FlaskClient, store: PostgresStore, database_url: str
+) -> None:
+    user = make_user(store)
+    payload = load("valid.json", userId=str(user))
+    first = schedule_client.post("/", json=payload).get_json()["messageId"]
+    resp = schedule_client.post(f"/messages/{first}/cancel", json={"reason": "the user rebooked by phone"})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    answer = resp.get_json()
+    assert answer["status"] == "cancelled" and answer["alreadyCancelled"] is False
+    assert answer["cancelReason"] == "the user rebooked by phone"
+    assert row(database_url, uuid.UUID(first))["last_error"] == "the user rebooked by phone"
+    [entry] = [
+        e
+        for e in schedule_client.get(f"/messages/{first}").get_json()["timeline"]
+        if e["action"] == "cancelled"
+    ]
+    assert entry["reason"] == "the user rebooked by phone"
+    # Cancelled again with another reason: the first one stays, and is what the answer says.
+    again = schedule_client.post(f"/messages/{first}/cancel", json={"reason": "second thoughts"}).get_json()
+    assert again["alreadyCancelled"] is True and again["cancelReason"] == "the user rebooked by phone"
+    # No body, no reason.
+    second = schedule_client.post("/", json=payload).get_json()["messageId"]
+    plain = schedule_client.post(f"/messages/{second}/cancel").get_json()
+    assert plain["status"] == "cancelled" and plain["cancelReason"] is None

@@ -596,6 +596,7 @@ SCENARIOS = [
     Scenario("schedule-not-an-object", SCHEDULE, "post", 400, _post("schedule_message", json=["userId"])),
     Scenario("schedule-malformed-json", SCHEDULE, "post", 400, _post_raw(b'{"userId": ', "application/json")),
     Scenario("schedule-not-json", SCHEDULE, "post", 400, _post_raw(b"userId=1", "text/plain")),
+    Scenario("schedule-too-large", SCHEDULE, "post", 413, _post_raw(b" " * 65537, "application/json")),
     Scenario(
         "schedule-unknown-conversation", SCHEDULE, "post", 400, _schedule(conversationId=str(uuid.uuid4()))
     ),
@@ -643,6 +644,7 @@ SCENARIOS = [
     Scenario(
         "cancel-queued", CANCEL, "post", 200, _cancel(lambda env: env.scheduled(), json={"reason": "done"})
     ),
+    Scenario("cancel-too-large", CANCEL, "post", 413, _cancel(_new_id, json={"reason": "x" * 65536})),
     Scenario("cancel-bad-body", CANCEL, "post", 400, _cancel(lambda env: env.scheduled(), json={"x": 1})),
     Scenario(
         "cancel-not-owner",
@@ -669,6 +671,13 @@ SCENARIOS = [
         "post",
         400,
         _post("deliver_message", json={"messageId": "x", "generation": -1}),
+    ),
+    Scenario(
+        "deliver-too-large",
+        DELIVER,
+        "post",
+        413,
+        _post("deliver_message", data=b"{" * 65537, content_type="application/json"),
     ),
     Scenario("deliver-twilio-down", DELIVER, "post", 503, _deliver_transient_failure),
     Scenario("deliver-database-down", DELIVER, "post", 503, _dead(_deliver(_new_id))),

@@ -467,7 +467,11 @@ def test_template_judge_relevance_drops_a_message_the_user_wrote_after() -> None
     dropped = renderer.judge_relevance("Hi", DATA, conversation=[before, theirs_after], queued_at=T0)
 
     assert kept.relevant is True
-    assert dropped == Relevance(False, "the user wrote since it was queued", Usage(model="template"))
+    assert dropped == Relevance(
+        False,
+        "the user wrote since it was queued, and no model (ANTHROPIC_API_KEY unset) could judge it",
+        Usage(model="template"),
+    )
 
 
 # --- validation and helpers ------------------------------------------------------------------------------

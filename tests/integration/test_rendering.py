@@ -411,3 +411,55 @@ def test_a_replayed_structured_request_costs_no_model_call(
     assert replay.message.content == "Sam said yes: The Blue Door at 8."
     assert len(fake.requests) == 1
     assert len(tasks.tasks) == 1
+
+
+def test_without_a_model_a_reply_holds_back_every_fresh_context_message_and_says_why(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+    database_url: str,
+) -> None:
+    """No ANTHROPIC_API_KEY: the agent asked for its message to be checked against the user's reply,
+    and nothing can check it, so it is superseded rather than sent out of place; the event tells
+    the agent why, and a message that did not ask is sent as usual."""
+    renderer = bootstrap.build_renderer(Settings.from_env({}))
+    user = make_user(store)
+    fresh = [
+        schedule(store, tasks, renderer, user, T0, {"content": text}, requiresFreshContext=True).message.id
+        for text in ("Still looking for a dinner spot?", "Sam is free at 8")
+    ]
+    plain = schedule(store, tasks, renderer, user, T0, {"content": "Your code is 1234"}).message.id
+    store.record_inbound(user, "what time again?", "SM" + uuid.uuid4().hex, T0 + timedelta(minutes=1))
+    clock.advance(timedelta(minutes=5))
+
+    outcomes = [deliver(store, tasks, twilio_sender, renderer, clock, m).action for m in fresh]
+    planned = store.get_message(plain)
+    assert planned is not None and planned.scheduled_for is not None
+    clock.advance(max(planned.scheduled_for - clock(), timedelta(0)))  # it waited its turn, unchecked
+    outcomes.append(deliver(store, tasks, twilio_sender, renderer, clock, plain).action)
+
+    assert outcomes == ["superseded", "superseded", "sent"]
+    assert [m["body"] for m in sms_sink.messages()] == ["Your code is 1234"]
+    for m in fresh:
+        assert "ANTHROPIC_API_KEY unset" in row(database_url, m)["superseded_reason"]
+    events = sql(database_url, "select payload from events_outbox where event_type = 'message.superseded'")
+    assert sorted(e[0]["messageId"] for e in events) == sorted(str(m) for m in fresh)
+    assert all("no model" in e[0]["explanation"] for e in events)
+
+
+def test_without_a_model_a_fresh_context_message_with_no_reply_since_is_sent(
+    store: PostgresStore,
+    tasks: RecordingTaskQueue,
+    twilio_sender: TwilioSender,
+    sms_sink: SmsSink,
+    clock: VirtualClock,
+) -> None:
+    renderer = bootstrap.build_renderer(Settings.from_env({}))
+    user = make_user(store)
+    make_active(store, user, T0 - timedelta(hours=1))  # a reply before it was queued does not count
+    m = schedule(store, tasks, renderer, user, T0, {"content": "Sam is free at 8"}, requiresFreshContext=True)
+    clock.advance(timedelta(minutes=5))
+    assert deliver(store, tasks, twilio_sender, renderer, clock, m.message.id).action == "sent"
+    assert [s["body"] for s in sms_sink.messages()] == ["Sam is free at 8"]
