@@ -297,3 +297,15 @@ class ConsentHistory:
     user_id: uuid.UUID
     opted_out_at: datetime | None
     events: tuple[ConsentEvent, ...]
+
+
+@dataclass(frozen=True)
+class MessageFilter:
+    """Which of a user's messages a listing answers: only `agent_ids` (None: every agent), and
+    only the status, agent and topic given; `before`: strictly older than that (created_at, id)."""
+
+    agent_ids: frozenset[str] | None
+    status: str | None = None
+    agent_id: str | None = None
+    topic_key: str | None = None
+    before: tuple[datetime, uuid.UUID] | None = None
