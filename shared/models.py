@@ -140,6 +140,7 @@ class NewMessage:
     rendered: str | None = None  # the text rendered at schedule time, for structured messageData
     rendered_parts: tuple[Part, ...] | None = None  # a sequence's parts after schedule-time rendering
     admission: Admission | None = None  # the limits it is stored under (None: none)
+    blocked_by: tuple[str, ...] = ()  # the plan's rules met on the way, stored for a replay's answer
 
     @property
     def parts(self) -> tuple[Part, ...]:

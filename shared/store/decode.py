@@ -136,6 +136,8 @@ def message(row: dict[str, Any]) -> StoredMessage:
         **_delivery(row.get("delivery") or {}),
         timeline=_timeline(row.get("timeline") or []),
         segments=_segments(row),
+        blocked_by=tuple(str(b) for b in row.get("blocked_by") or ()),
+        superseded_ids=tuple(uuid.UUID(str(s)) for s in row.get("superseded_ids") or ()),
     )
 
 

@@ -103,6 +103,7 @@ class SqlStore(QueueReads):
             **_admission_args(message.admission),
             transactional=r.transactional,
             **decode.segments_args(message.segments),
+            blocked_by=list(message.blocked_by),
         )
         return decode.enqueue_result(doc)
 

@@ -368,6 +368,16 @@ def _replay(env: Env) -> TestResponse:
     return env.schedule(user, idempotencyKey="turn-1")
 
 
+def _replay_blocked(env: Env) -> TestResponse:
+    """A replay of a message the cooldown deferred: its blockedBy is the first plan's."""
+    user = make_user(env.store)
+    env.scheduled(user)
+    env.scheduled(user, idempotencyKey="turn-2")
+    resp = env.schedule(user, idempotencyKey="turn-2")
+    assert resp.get_json()["blockedBy"] == ["cooldown"], resp.get_data(as_text=True)
+    return resp
+
+
 def _key_reused(env: Env) -> TestResponse:
     user = make_user(env.store)
     env.scheduled(user, idempotencyKey="turn-1")
@@ -611,6 +621,7 @@ SCENARIOS = [
     Scenario("schedule-created", SCHEDULE, "post", 201, _schedule()),
     Scenario("schedule-deferred", SCHEDULE, "post", 201, _deferred),
     Scenario("schedule-replay", SCHEDULE, "post", 200, _replay),
+    Scenario("schedule-replay-blocked", SCHEDULE, "post", 200, _replay_blocked),
     Scenario("schedule-bad-fields", SCHEDULE, "post", 400, _post("schedule_message", json=BAD_FIELDS)),
     Scenario("schedule-not-an-object", SCHEDULE, "post", 400, _post("schedule_message", json=["userId"])),
     Scenario("schedule-malformed-json", SCHEDULE, "post", 400, _post_raw(b'{"userId": ', "application/json")),

@@ -666,6 +666,23 @@ def test_inbound_keywords_change_consent_and_write_the_ledger(store: AnyStore) -
     assert store.consent_history(uuid.uuid4(), 10) is None
 
 
+def test_enqueue_stores_the_plans_blocked_by_and_what_it_superseded_for_a_replay(store: AnyStore) -> None:
+    user_id = make_user(store)
+    older = enqueue(store, user_id, topicKey="weather")
+    message = new_message(user_id, topicKey="weather", idempotencyKey="k", reason="quiet_hours")
+    first = store.enqueue(replace(message, blocked_by=("cooldown", "quiet_hours")))
+    assert first.created and first.superseded == (older,)
+    assert (first.message.blocked_by, first.message.superseded_ids) == (("cooldown", "quiet_hours"), (older,))
+    # Both replays answer them: before planning (mq_user_context), and a race lost at the insert.
+    ctx = store.user_context(user_id, T0, idempotency=("agent-1", "k"))
+    assert ctx is not None and ctx.replay is not None
+    assert (ctx.replay.blocked_by, ctx.replay.superseded_ids) == (("cooldown", "quiet_hours"), (older,))
+    raced = store.enqueue(message)
+    assert not raced.created and raced.message == first.message
+    plain = store.get_message(older)
+    assert plain is not None and (plain.blocked_by, plain.superseded_ids) == ((), ())
+
+
 def test_list_messages_newest_first_filtered_scoped_and_keyset_paged(store: AnyStore) -> None:
     user_id = make_user(store)
     other_user = make_user(store, phone="+15550000002")
@@ -953,6 +970,7 @@ def test_enqueue_sends_jsonb_as_json_and_nulls_explicitly(
         "p_transactional": False,
         "p_encoding": "GSM-7",
         "p_segments": 1,
+        "p_blocked_by": [],
     }
 
 
