@@ -21,7 +21,12 @@ create or replace function mq_list_messages(
     p_before_created_at timestamptz default null,
     p_before_id uuid default null)
 returns jsonb
-language plpgsql stable as $$
+language plpgsql stable
+-- Planned for the arguments of each call: a generic plan cannot tell which filters are null, so it
+-- underestimates the rows and reads every older row of the user to sort them, where a custom plan
+-- walks the index from the cursor and stops after a page.
+set plan_cache_mode = force_custom_plan
+as $$
 begin
     perform 1 from users where id = p_user_id;
     if not found then
@@ -39,8 +44,9 @@ begin
                 and (p_status is null or r.status = p_status)
                 and (p_agent_id is null or r.agent_id = p_agent_id)
                 and (p_topic_key is null or r.topic_key = p_topic_key)
-                and (p_before_created_at is null
-                     or (r.created_at, r.id) < (p_before_created_at, p_before_id))
+                -- The first page starts after a row newer than any: one condition for the index.
+                and (r.created_at, r.id) < (coalesce(p_before_created_at, 'infinity'),
+                                            coalesce(p_before_id, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
               order by r.created_at desc, r.id desc
               limit greatest(p_limit, 0)) q));
 end;
