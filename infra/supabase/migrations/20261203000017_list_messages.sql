@@ -21,34 +21,39 @@ create or replace function mq_list_messages(
     p_before_created_at timestamptz default null,
     p_before_id uuid default null)
 returns jsonb
-language plpgsql stable
--- Planned for the arguments of each call: a generic plan cannot tell which filters are null, so it
--- underestimates the rows and reads every older row of the user to sort them, where a custom plan
--- walks the index from the cursor and stops after a page.
-set plan_cache_mode = force_custom_plan
-as $$
+language plpgsql stable as $$
+declare
+    v_messages jsonb;
 begin
     perform 1 from users where id = p_user_id;
     if not found then
         return null;
     end if;
-    return jsonb_build_object('messages', (
+    -- EXECUTE: planned for this call's arguments. A cached generic plan cannot tell which filters
+    -- are null, underestimates the rows, and reads every older row of the user to sort them, where
+    -- this plan walks the index back from the cursor and stops after a page.
+    execute $q$
         select coalesce(jsonb_agg(mq_message_doc(q.msg) || jsonb_build_object('delivery', (
                    select jsonb_build_object('status', m.status, 'delivered_at', m.delivered_at,
                                              'error_code', m.error_code)
                    from messages m where m.twilio_message_sid = (q.msg).twilio_message_sid))
                    order by q.created_at desc, q.id desc), '[]'::jsonb)
         from (select r as msg, r.created_at, r.id from message_queue r
-              where r.user_id = p_user_id
-                and (p_agent_ids is null or r.agent_id = any (p_agent_ids))
-                and (p_status is null or r.status = p_status)
-                and (p_agent_id is null or r.agent_id = p_agent_id)
-                and (p_topic_key is null or r.topic_key = p_topic_key)
+              where r.user_id = $1
+                and ($2::text[] is null or r.agent_id = any ($2))
+                and ($3::text is null or r.status = $3)
+                and ($4::text is null or r.agent_id = $4)
+                and ($5::text is null or r.topic_key = $5)
                 -- The first page starts after a row newer than any: one condition for the index.
-                and (r.created_at, r.id) < (coalesce(p_before_created_at, 'infinity'),
-                                            coalesce(p_before_id, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
+                and (r.created_at, r.id) < (coalesce($6, 'infinity'::timestamptz),
+                                            coalesce($7, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
               order by r.created_at desc, r.id desc
-              limit greatest(p_limit, 0)) q));
+              limit greatest($8, 0)) q
+    $q$
+    into v_messages
+    using p_user_id, p_agent_ids, p_status, p_agent_id, p_topic_key, p_before_created_at, p_before_id,
+          p_limit;
+    return jsonb_build_object('messages', v_messages);
 end;
 $$;
 
