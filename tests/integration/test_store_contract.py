@@ -1000,6 +1000,7 @@ def test_every_method_is_exactly_one_rpc_named_like_the_sql_function(
             ),
         ),
         ("mq_consent_history", lambda: s.consent_history(user_id, 5)),
+        ("mq_list_messages", lambda: s.list_messages(user_id, 5, MessageFilter(agent_ids=frozenset({"a"})))),
         ("mq_expire", lambda: s.expire(a, T0)),
         ("mq_record_inbound", lambda: s.record_inbound(user_id, "hi", "SMi", T0)),
         ("mq_set_timezone", lambda: s.set_timezone(user_id, "America/Chicago", source="user", now=T0)),
