@@ -67,6 +67,15 @@ def cancel_json(result: CancelResult) -> dict[str, Any]:
     }
 
 
+def page_json(page: service.MessagePage) -> dict[str, Any]:
+    """One page of a user's messages (GET /users/<id>/messages), newest first."""
+    return {
+        "userId": page.user_id,
+        "messages": [message_json(m) for m in page.messages],
+        "nextCursor": page.next_cursor,
+    }
+
+
 def consent_json(history: ConsentHistory) -> dict[str, Any]:
     """A user's consent history as operators read it (GET /users/<id>/consent)."""
     return {

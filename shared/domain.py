@@ -295,6 +295,10 @@ class StoredMessage:
     timeline: tuple[TimelineEntry, ...] = field(default=(), compare=False)
     # Of the text to send (a sequence: the parts' total); None while a structured text is unrendered.
     segments: Segments | None = None
+    # What the schedule answer said, kept so that a replay answers the same: the plan's blockedBy,
+    # and the messages this one superseded on its topic.
+    blocked_by: tuple[str, ...] = ()
+    superseded_ids: tuple[uuid.UUID, ...] = ()
 
     @property
     def structured(self) -> bool:

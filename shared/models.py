@@ -140,6 +140,7 @@ class NewMessage:
     rendered: str | None = None  # the text rendered at schedule time, for structured messageData
     rendered_parts: tuple[Part, ...] | None = None  # a sequence's parts after schedule-time rendering
     admission: Admission | None = None  # the limits it is stored under (None: none)
+    blocked_by: tuple[str, ...] = ()  # the plan's rules met on the way, stored for a replay's answer
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -297,3 +298,15 @@ class ConsentHistory:
     user_id: uuid.UUID
     opted_out_at: datetime | None
     events: tuple[ConsentEvent, ...]
+
+
+@dataclass(frozen=True)
+class MessageFilter:
+    """Which of a user's messages a listing answers: only `agent_ids` (None: every agent), and
+    only the status, agent and topic given; `before`: strictly older than that (created_at, id)."""
+
+    agent_ids: frozenset[str] | None
+    status: str | None = None
+    agent_id: str | None = None
+    topic_key: str | None = None
+    before: tuple[datetime, uuid.UUID] | None = None

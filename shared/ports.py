@@ -15,6 +15,7 @@ from shared.models import (
     ConsentHistory,
     DeliveryContext,
     EnqueueResult,
+    MessageFilter,
     NewMessage,
     PendingEvent,
     QueueHealth,
@@ -228,6 +229,13 @@ class Store(Protocol):
 
     def consent_history(self, user_id: uuid.UUID, limit: int) -> ConsentHistory | None:
         """The user's consent ledger, newest first (at most `limit` rows); None for no such user."""
+        ...
+
+    def list_messages(
+        self, user_id: uuid.UUID, limit: int, which: MessageFilter
+    ) -> list[StoredMessage] | None:
+        """A user's messages newest first by (created_at, id), at most `limit`, those `which`
+        selects; each with its delivery status, no timeline. None for no such user."""
         ...
 
     def set_timezone(

@@ -19,6 +19,7 @@ from shared.answers import (
     consent_json,
     health_answer,
     message_json,
+    page_json,
     schedule_body,
     timeline_json,
 )
@@ -35,6 +36,7 @@ MAX_BODY_BYTES = 64 * 1024
 _MESSAGE_PATH = re.compile(r"^/(?:messages/)?(?P<id>[^/]+)/?$")
 _CANCEL_PATH = re.compile(r"^/(?:messages/)?(?P<id>[^/]+)/cancel/?$")
 _CONSENT_PATH = re.compile(r"^/users/(?P<id>[^/]+)/consent/?$")
+_USER_MESSAGES_PATH = re.compile(r"^/users/(?P<id>[^/]+)/messages/?$")
 
 Response = tuple[str, int, dict[str, str]]
 
@@ -126,6 +128,11 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
                 query = request.args.to_dict(flat=True)
                 history = service.consent_history(consent.group("id"), query, store=c.store, caller=caller)
                 return respond(200, {"success": True, **consent_json(history)})
+            listing = _USER_MESSAGES_PATH.match(request.path)
+            if listing:
+                query = request.args.to_dict(flat=True)
+                page = service.list_messages(listing.group("id"), query, store=c.store, caller=caller)
+                return respond(200, {"success": True, **page_json(page)})
             match = _MESSAGE_PATH.match(request.path)
             if not match:
                 return respond(404, {"success": False, "error": "not_found", "message": "GET /messages/<id>"})

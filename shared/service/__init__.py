@@ -9,6 +9,7 @@ knows about HTTP, psycopg, gRPC or Twilio's client.
 - sweep: the minute sweep, task creation, health
 - conversations: Twilio's webhooks and the event outbox
 - consent: an operator's read of a user's consent ledger
+- queue: a user's messages, newest first, as the caller may see them
 """
 
 from shared.domain import Policy
@@ -16,6 +17,7 @@ from shared.service.common import Clock
 from shared.service.consent import consent_history
 from shared.service.conversations import drain_events, inbound, status_callback
 from shared.service.deliver import deliver
+from shared.service.queue import MessagePage, list_messages
 from shared.service.reconcile import reconcile
 from shared.service.schedule import ScheduleResult, cancel, get_message, schedule, schedule_request
 from shared.service.sweep import HealthReport, health, sweep
@@ -24,6 +26,7 @@ from shared.small_requests import parse_task
 __all__ = [
     "Clock",
     "HealthReport",
+    "MessagePage",
     "Policy",
     "ScheduleResult",
     "cancel",
@@ -33,6 +36,7 @@ __all__ = [
     "get_message",
     "health",
     "inbound",
+    "list_messages",
     "parse_task",
     "reconcile",
     "schedule",

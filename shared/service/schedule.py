@@ -110,6 +110,7 @@ def schedule_request(
             rendered=content.rendered.text if content.rendered else None,
             rendered_parts=content.parts if request.parts else None,
             admission=admission,
+            blocked_by=decision.blocked_by,
         )
     )
     if not result.created:  # a concurrent request with the same key stored it first
@@ -122,11 +123,14 @@ def schedule_request(
 
 
 def _replay(message: StoredMessage, request: ScheduleRequest) -> ScheduleResult:
-    """The message stored under the request's idempotency key, if the request is the same one."""
+    """The message stored under the request's idempotency key, if the request is the same one,
+    answered as it was first: its plan's blockedBy and what it superseded are stored with it."""
     if message.request_hash != request.request_hash:
         raise IdempotencyConflict(idempotencyKey=request.idempotency_key, messageId=str(message.id))
     event(log, logging.INFO, "idempotent replay", messageId=str(message.id), agentId=request.agent_id)
-    return ScheduleResult(created=False, message=message)
+    return ScheduleResult(
+        created=False, message=message, blocked_by=message.blocked_by, superseded=message.superseded_ids
+    )
 
 
 def _plan(request: ScheduleRequest, ctx: UserContext, config: Policy, now: datetime) -> Decision:

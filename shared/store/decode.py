@@ -89,6 +89,14 @@ def _delivery(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _first_answer(row: dict[str, Any]) -> dict[str, Any]:
+    """What the schedule answer said (a replay answers it again): blockedBy, superseded ids."""
+    return {
+        "blocked_by": tuple(str(b) for b in row.get("blocked_by") or ()),
+        "superseded_ids": tuple(uuid.UUID(str(s)) for s in row.get("superseded_ids") or ()),
+    }
+
+
 def _timeline(entries: list[dict[str, Any]]) -> tuple[TimelineEntry, ...]:
     return tuple(
         TimelineEntry(
@@ -136,6 +144,7 @@ def message(row: dict[str, Any]) -> StoredMessage:
         **_delivery(row.get("delivery") or {}),
         timeline=_timeline(row.get("timeline") or []),
         segments=_segments(row),
+        **_first_answer(row),
     )
 
 

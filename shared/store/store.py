@@ -18,6 +18,7 @@ from shared.domain import AccountCaps, Admission, Limits, StoredMessage
 from shared.log import scrub
 from shared.store import decode
 from shared.store.driver import Driver, Json
+from shared.store.reads import QueueReads
 
 
 def _json(value: Any) -> Json | None:
@@ -41,7 +42,7 @@ def _recorded(doc: Any) -> bool:
     return bool(doc and doc.get("recorded"))
 
 
-class SqlStore:
+class SqlStore(QueueReads):
     """shared.ports.Store over a Driver, plus the helpers demo, tests and operators use."""
 
     def __init__(self, driver: Driver) -> None:
@@ -102,6 +103,7 @@ class SqlStore:
             **_admission_args(message.admission),
             transactional=r.transactional,
             **decode.segments_args(message.segments),
+            blocked_by=list(message.blocked_by),
         )
         return decode.enqueue_result(doc)
 

@@ -34,6 +34,7 @@ def test_readme_has_the_curl_commands_it_should() -> None:
     assert any("$SCHEDULE_URL" in c for c in commands) and any(
         "--data-urlencode From=" in c for c in commands
     )
+    assert any(re.search(r"/users/[0-9a-f-]{36}/messages\?", c) for c in commands)  # a user's queue
 
 
 @pytest.fixture

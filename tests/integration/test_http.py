@@ -176,6 +176,27 @@ def test_idempotency_key_replays_and_conflicts(
     assert len(tasks.tasks) == 1
 
 
+def test_a_replay_answers_the_original_body_but_idempotent_replay(
+    schedule_client: FlaskClient, store: PostgresStore
+) -> None:
+    """README promises the same body: the plan's blockedBy and the ids it superseded are the
+    stored message's, not an empty list. Only idempotentReplay differs (it says which answer this
+    is); status, scheduledFor and reason are the message's current state, the same here since
+    nothing happened to it in between."""
+    user = make_user(store, "America/Chicago")
+    body = load("valid.json", userId=str(user))
+    assert schedule_client.post("/", json=body).status_code == 201  # the cooldown's reason
+    older = schedule_client.post("/", json=body | {"topicKey": "weather"}).get_json()
+    keyed = body | {"topicKey": "weather", "idempotencyKey": "turn-9"}
+    first = schedule_client.post("/", json=keyed)
+    assert first.status_code == 201, first.get_data(as_text=True)
+    original = first.get_json()
+    assert "cooldown" in original["blockedBy"] and original["superseded"] == [older["messageId"]]
+    replay = schedule_client.post("/", json=keyed)
+    assert replay.status_code == 200, replay.get_data(as_text=True)
+    assert replay.get_json() == original | {"idempotentReplay": True}
+
+
 def test_a_task_creation_failure_still_answers_201_and_keeps_the_row(
     schedule_client: FlaskClient, store: PostgresStore, tasks: RecordingTaskQueue, database_url: str
 ) -> None:

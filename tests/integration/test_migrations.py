@@ -47,7 +47,7 @@ REDEFINED = {
     "mq_inbound": "20261203000012_consent.sql",
     "mq_record_part": "20261203000015_record_part_token.sql",
     "mq_get": "20261203000016_message_delivery.sql",
-    "mq_enqueue": "20261203000013_segments.sql",
+    "mq_enqueue": "20261203000018_replay_plan.sql",
     "mq_message_doc": "20261203000013_segments.sql",
     "mq_insert_parts": "20261203000013_segments.sql",
     "mq_record_render": "20261203000013_segments.sql",

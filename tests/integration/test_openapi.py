@@ -359,12 +359,23 @@ INBOUND = "/twilio_inbound"
 TWILIO_STATUS = "/twilio_status"
 CANCEL = "/schedule_message/messages/{messageId}/cancel"
 CONSENT = "/schedule_message/users/{userId}/consent"
+USER_MESSAGES = "/schedule_message/users/{userId}/messages"
 
 
 def _replay(env: Env) -> TestResponse:
     user = make_user(env.store)
     env.scheduled(user, idempotencyKey="turn-1")
     return env.schedule(user, idempotencyKey="turn-1")
+
+
+def _replay_blocked(env: Env) -> TestResponse:
+    """A replay of a message the cooldown deferred: its blockedBy is the first plan's."""
+    user = make_user(env.store)
+    env.scheduled(user)
+    env.scheduled(user, idempotencyKey="turn-2")
+    resp = env.schedule(user, idempotencyKey="turn-2")
+    assert resp.get_json()["blockedBy"] == ["cooldown"], resp.get_data(as_text=True)
+    return resp
 
 
 def _key_reused(env: Env) -> TestResponse:
@@ -517,6 +528,24 @@ def _inbound_reply(env: Env) -> TestResponse:
         return _inbound(Body="stop texting me, please")(env)
 
 
+def _user_messages(
+    query: str = "", user: Callable[[Env], str] | None = None
+) -> Callable[[Env], TestResponse]:
+    """A listing of a user with a queued, a cancelled and a sent message (or of `user`)."""
+
+    def run(env: Env) -> TestResponse:
+        if user is not None:
+            return env.client("schedule_message").get(f"/users/{user(env)}/messages{query}")
+        owner = make_user(env.store)
+        assert env.deliver(env.scheduled(owner)).get_json()["action"] == "sent"
+        env.scheduled(owner, topicKey="t")
+        cancelled = env.scheduled(owner)
+        assert env.client("schedule_message").post(f"/messages/{cancelled}/cancel").status_code == 200
+        return env.client("schedule_message").get(f"/users/{owner}/messages{query}")
+
+    return run
+
+
 def _consent(user: Callable[[Env], uuid.UUID | str], query: str = "") -> Callable[[Env], TestResponse]:
     return lambda env: env.client("schedule_message").get(f"/users/{user(env)}/consent{query}")
 
@@ -592,6 +621,7 @@ SCENARIOS = [
     Scenario("schedule-created", SCHEDULE, "post", 201, _schedule()),
     Scenario("schedule-deferred", SCHEDULE, "post", 201, _deferred),
     Scenario("schedule-replay", SCHEDULE, "post", 200, _replay),
+    Scenario("schedule-replay-blocked", SCHEDULE, "post", 200, _replay_blocked),
     Scenario("schedule-bad-fields", SCHEDULE, "post", 400, _post("schedule_message", json=BAD_FIELDS)),
     Scenario("schedule-not-an-object", SCHEDULE, "post", 400, _post("schedule_message", json=["userId"])),
     Scenario("schedule-malformed-json", SCHEDULE, "post", 400, _post_raw(b'{"userId": ', "application/json")),
@@ -689,6 +719,26 @@ SCENARIOS = [
     Scenario("health-database-down", HEALTH, "get", 503, _dead(_health)),
     Scenario("inbound-stop", INBOUND, "post", 200, _inbound()),
     Scenario("inbound-stop-reply", INBOUND, "post", 200, _inbound_reply),
+    Scenario("user-messages", USER_MESSAGES, "get", 200, _user_messages()),
+    Scenario(
+        "user-messages-page", USER_MESSAGES, "get", 200, _user_messages("?limit=1&status=queued&topic=t")
+    ),
+    Scenario("user-messages-bad-status", USER_MESSAGES, "get", 400, _user_messages("?status=lost")),
+    Scenario("user-messages-anonymous", USER_MESSAGES, "get", 401, _anonymous("GET", "/users/{id}/messages")),
+    Scenario(
+        "user-messages-unknown-user",
+        USER_MESSAGES,
+        "get",
+        404,
+        _user_messages(user=lambda env: str(uuid.uuid4())),
+    ),
+    Scenario(
+        "user-messages-database-down",
+        USER_MESSAGES,
+        "get",
+        503,
+        _dead(_user_messages(user=lambda env: str(uuid.uuid4()))),
+    ),
     Scenario("consent-history", CONSENT, "get", 200, _consent(_opted_out_by_stop)),
     Scenario("consent-history-limited", CONSENT, "get", 200, _consent(_opted_out_by_stop, "?limit=1")),
     Scenario("consent-not-a-uuid", CONSENT, "get", 400, _consent(lambda env: "nope")),
@@ -781,6 +831,7 @@ def test_the_function_views_serve_the_spec_paths_without_the_prefix(env: Env) ->
         "/messages/{messageId}",
         "/messages/{messageId}/cancel",
         "/users/{userId}/consent",
+        "/users/{userId}/messages",
     }
     message_id = env.scheduled()
     resp = env.client("schedule_message").get("/messages/{messageId}".replace("{messageId}", message_id))

@@ -135,3 +135,38 @@ def test_the_schedule_and_delivery_functions_keep_their_plans(database_url: str)
     assert {name for name, _ in rows} == set(HOT)
     # every overload counts: an old SQL signature left beside a new one would still be called
     assert {name for name, language in rows if language != "plpgsql"} == set()
+
+
+@pytest.mark.parametrize("calls", [1, 8], ids=["custom plan", "generic plan"])
+def test_a_page_of_a_users_messages_reads_the_page_not_the_users_history(
+    database_url: str, calls: int
+) -> None:
+    """Keyset paging: a page deep into a user's 400 messages reads about a page of index entries
+    (message_queue_user_created walked backwards from the cursor), not the rows before it."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user, _ = _stale_table(conn)
+        conn.execute(
+            "insert into message_queue (user_id, agent_id, message_data, final_message, scheduled_for,"
+            " status, created_at)"
+            " select %s, 'agent', '{}', 'old', %s, 'cancelled', %s - make_interval(secs => g)"
+            " from generate_series(1, 400) g",
+            [user, NOW, NOW],
+        )
+        conn.execute("analyze message_queue")
+        cursor = conn.execute(
+            "select created_at, id from message_queue where user_id = %s"
+            " order by created_at desc, id desc offset 200 limit 1",
+            [user],
+        ).fetchone()
+        assert cursor is not None
+        for _ in range(calls):
+            doc, reads = _read_by(
+                conn,
+                "select mq_list_messages(p_user_id => %s, p_limit => 3, p_before_created_at => %s,"
+                " p_before_id => %s)",
+                [user, *cursor],
+            )
+        first, first_reads = _read_by(conn, "select mq_list_messages(p_user_id => %s, p_limit => 3)", [user])
+    assert len(doc["messages"]) == 3, doc
+    assert sum(reads.values()) < 10, reads
+    assert len(first["messages"]) == 3 and sum(first_reads.values()) < 10, first_reads

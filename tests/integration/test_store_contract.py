@@ -14,6 +14,7 @@ import socket
 import time as wall
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -25,7 +26,7 @@ from supabase import create_client
 
 from shared.domain import Limits, Reservation, Segments
 from shared.errors import NotFound, OrchestratorError, StoreUnavailable, Unavailable, ValidationError
-from shared.models import Claim, NewMessage
+from shared.models import Claim, MessageFilter, NewMessage
 from shared.parsing import ScheduleRequest
 from shared.store.postgres import PostgresStore
 from shared.store.supabase import SupabaseStore
@@ -665,6 +666,63 @@ def test_inbound_keywords_change_consent_and_write_the_ledger(store: AnyStore) -
     assert store.consent_history(uuid.uuid4(), 10) is None
 
 
+def test_enqueue_stores_the_plans_blocked_by_and_what_it_superseded_for_a_replay(store: AnyStore) -> None:
+    user_id = make_user(store)
+    older = enqueue(store, user_id, topicKey="weather")
+    message = new_message(user_id, topicKey="weather", idempotencyKey="k", reason="quiet_hours")
+    first = store.enqueue(replace(message, blocked_by=("cooldown", "quiet_hours")))
+    assert first.created and first.superseded == (older,)
+    assert (first.message.blocked_by, first.message.superseded_ids) == (("cooldown", "quiet_hours"), (older,))
+    # Both replays answer them: before planning (mq_user_context), and a race lost at the insert.
+    ctx = store.user_context(user_id, T0, idempotency=("agent-1", "k"))
+    assert ctx is not None and ctx.replay is not None
+    assert (ctx.replay.blocked_by, ctx.replay.superseded_ids) == (("cooldown", "quiet_hours"), (older,))
+    raced = store.enqueue(message)
+    assert not raced.created and raced.message == first.message
+    plain = store.get_message(older)
+    assert plain is not None and (plain.blocked_by, plain.superseded_ids) == ((), ())
+
+
+def test_list_messages_newest_first_filtered_scoped_and_keyset_paged(store: AnyStore) -> None:
+    user_id = make_user(store)
+    other_user = make_user(store, phone="+15550000002")
+    enqueue(store, other_user, now=T0)  # another user's: never listed
+    first = enqueue(store, user_id, now=T0, agent="a1", topicKey="weather")
+    second = enqueue(store, user_id, now=T0 + timedelta(seconds=1), agent="a2")
+    # Two rows at one instant: the id decides their order, and the page boundary between them.
+    tied = sorted(
+        (enqueue(store, user_id, now=T0 + timedelta(seconds=2), agent="a1") for _ in range(2)),
+        reverse=True,
+    )
+    assert store.cancel(second, agent_id="a2", reason=None, now=T0 + timedelta(seconds=3)).cancelled
+
+    every = MessageFilter(agent_ids=None)
+    listed = store.list_messages(user_id, 10, every)
+    assert listed is not None and [m.id for m in listed] == [*tied, second, first]
+    assert [m.user_id for m in listed] == [user_id] * 4 and listed[-1].topic_key == "weather"
+    assert listed[0].delivery_status is None and listed[0].timeline == ()
+
+    page = store.list_messages(user_id, 2, every)
+    assert page is not None and [m.id for m in page] == tied
+    last = page[-1]
+    assert last.created_at is not None
+    rest = store.list_messages(user_id, 10, replace(every, before=(last.created_at, last.id)))
+    assert rest is not None and [m.id for m in rest] == [second, first]
+
+    def ids(**which: Any) -> list[uuid.UUID]:
+        found = store.list_messages(user_id, 10, MessageFilter(**({"agent_ids": None} | which)))
+        assert found is not None
+        return [m.id for m in found]
+
+    assert ids(status="cancelled") == [second]
+    assert ids(agent_id="a1") == [*tied, first]
+    assert ids(topic_key="weather") == [first]
+    assert ids(agent_ids=frozenset({"a2"})) == [second]
+    assert ids(agent_ids=frozenset({"a2"}), agent_id="a1") == []  # the filter cannot widen the scope
+    assert ids(agent_ids=frozenset()) == []
+    assert store.list_messages(uuid.uuid4(), 10, every) is None
+
+
 def test_fail_opted_out_fails_the_message_and_opts_the_user_out(store: AnyStore) -> None:
     user_id = make_user(store)
     sending = enqueue(store, user_id)
@@ -912,6 +970,7 @@ def test_enqueue_sends_jsonb_as_json_and_nulls_explicitly(
         "p_transactional": False,
         "p_encoding": "GSM-7",
         "p_segments": 1,
+        "p_blocked_by": [],
     }
 
 
@@ -941,6 +1000,7 @@ def test_every_method_is_exactly_one_rpc_named_like_the_sql_function(
             ),
         ),
         ("mq_consent_history", lambda: s.consent_history(user_id, 5)),
+        ("mq_list_messages", lambda: s.list_messages(user_id, 5, MessageFilter(agent_ids=frozenset({"a"})))),
         ("mq_expire", lambda: s.expire(a, T0)),
         ("mq_record_inbound", lambda: s.record_inbound(user_id, "hi", "SMi", T0)),
         ("mq_set_timezone", lambda: s.set_timezone(user_id, "America/Chicago", source="user", now=T0)),
