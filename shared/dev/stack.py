@@ -48,6 +48,8 @@ SWEEP_SUBSCRIPTION = "orchestrator-sweep-push"
 # entry point -> functions-framework signature type
 EVENTS_TOPIC = "orchestrator-events"
 INBOUND_TOPIC = "orchestrator-inbound"
+# Pull subscriptions the stack reads itself: what agents would hear, printed and kept in events.jsonl.
+EVENT_SUBSCRIPTIONS = {EVENTS_TOPIC: "orchestrator-events-dev", INBOUND_TOPIC: "orchestrator-inbound-dev"}
 FUNCTIONS = {
     "schedule_message": "http",
     "deliver_message": "http",
@@ -109,6 +111,7 @@ class LocalStack:
         self._pubsub: Any = None
         self._pg: Any = None
         self._scheduler: threading.Thread | None = None
+        self._event_tail: threading.Thread | None = None
         self._stopping = threading.Event()
         self.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -135,6 +138,12 @@ class LocalStack:
                     str(self.ports.sink),
                     "--record",
                     str(self.workdir / "sms.jsonl"),
+                    # Twilio's receipts, signed as Twilio signs them: messages become delivered.
+                    "--status-callbacks",
+                    "--account-sid",
+                    ACCOUNT_SID,
+                    "--auth-token",
+                    AUTH_TOKEN,
                 ],
             )
             self._wait_http(f"{self.sink_url}/_sink/health", "sms-sink")
@@ -175,6 +184,9 @@ class LocalStack:
         if self._scheduler is not None:
             self._scheduler.join(timeout=10)
             self._scheduler = None
+        if self._event_tail is not None:
+            self._event_tail.join(timeout=10)
+            self._event_tail = None
         if self._pubsub is not None:
             self._pubsub.stop()
             self._pubsub = None
@@ -338,6 +350,64 @@ class LocalStack:
         ).start()
         for topic in (SWEEP_TOPIC, EVENTS_TOPIC, INBOUND_TOPIC):
             ps.ensure_topic(self._pubsub.host, PROJECT, topic)
+        # Subscribed before any function runs, so no event is published to a topic nobody reads.
+        subscriptions = {
+            topic: ps.ensure_pull_subscription(self._pubsub.host, PROJECT, topic, name)
+            for topic, name in EVENT_SUBSCRIPTIONS.items()
+        }
+        self._event_tail = threading.Thread(
+            target=self._tail_events, args=(subscriptions,), name="dev-events", daemon=True
+        )
+        self._event_tail.start()
+        self._say(f"events       {', '.join(subscriptions.values())} -> {self.events_path}")
+
+    @property
+    def events_path(self) -> Path:
+        """Every event and inbound message the stack's own subscriptions received, a JSON line each."""
+        return self.workdir / "events.jsonl"
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.events_path.exists():
+            return []
+        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+
+    def _tail_events(self, subscriptions: Mapping[str, str]) -> None:
+        from shared.dev import pubsub_emulator as ps
+
+        assert self._pubsub is not None
+        client = ps.subscriber_client(self._pubsub.host)
+        try:
+            while not self._stopping.is_set():
+                for topic, subscription in subscriptions.items():
+                    try:
+                        pulled = ps.pull(client, subscription, timeout=1.0)
+                    except Exception as exc:  # the emulator stopped (an outage test): try again
+                        log.debug("pulling %s failed: %s", subscription, exc)
+                        self._stopping.wait(1.0)
+                        continue
+                    for message in pulled:
+                        self._record_event(topic, message)
+        finally:
+            client.transport.close()
+
+    def _record_event(self, topic: str, message: Any) -> None:
+        try:
+            data: Any = json.loads(message.data)
+        except ValueError:
+            data = message.data.decode(errors="replace")
+        entry = {
+            "topic": topic,
+            "messageId": message.message_id,
+            "publishTime": message.publish_time,
+            "attributes": message.attributes,
+            "data": data,
+        }
+        with self.events_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        attrs = message.attributes
+        kind = attrs.get("eventType") or topic
+        who = " ".join(f"{k}={attrs[k]}" for k in ("userId", "agentId", "agentType") if attrs.get(k))
+        self._say(f"event        {kind:<18} {who}")
 
     def _start_sweep_trigger(self) -> None:
         from shared.dev import pubsub_emulator as ps
