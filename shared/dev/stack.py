@@ -120,7 +120,7 @@ class LocalStack:
     def start(self) -> LocalStack:
         try:
             self._start_database()
-            self._say(f"database     {self._redacted(self.database_url or '')}")
+            self._say(f"database     {self.printable_database_url}")
             self._emulator = TasksEmulator(
                 QUEUE_PATH,
                 port=self.ports.tasks,
@@ -222,6 +222,16 @@ class LocalStack:
 
     def url_of(self, function: str) -> str:
         return f"http://127.0.0.1:{self.ports.of(function)}/"
+
+    @property
+    def embedded_database(self) -> bool:
+        """True when the stack runs its own PostgreSQL (pgserver, .dev/pgdata), not DATABASE_URL's."""
+        return self._pg is not None
+
+    @property
+    def printable_database_url(self) -> str:
+        """The database URL without its password, still one psql takes."""
+        return self._redacted(self.database_url or "")
 
     @property
     def pubsub_host(self) -> str | None:
