@@ -184,6 +184,7 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
         print(
             f"  {r['label']:<22} {st['status']:<7} scheduledFor {_local(st['scheduledFor'], r['zone'])}"
             f"  sentAt {_local(st['sentAt'], r['zone'])}  reason={st['reason']}"
+            f"  delivery={st.get('deliveryStatus') or '-'}"
         )
 
     extra = _show_the_rest(stack, sam, noor)
@@ -193,8 +194,12 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
         f"  curl -s -X POST {stack.schedule_url} -H 'Content-Type: application/json' \\\n"
         f'    -d \'{{"userId": "{dana}", "agentId": "me", "messageData": {{"content": "hi"}}}}\'\n'
         f"  curl -s {stack.schedule_url}messages/{immediate['messageId']}\n"
+        f"  curl -s -X POST {stack.schedule_url}messages/{results[2]['messageId']}/cancel "
+        f"-H 'Content-Type: application/json' -d '{{\"reason\": \"changed my mind\"}}'\n"
         f"  curl -s {stack.sink_url}/_sink/messages"
     )
+    if stack.pubsub_host is not None:
+        print(f"  tail -f {stack.events_path}")
     return {
         "results": results,
         "arrived": arrived,
