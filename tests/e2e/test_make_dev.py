@@ -56,7 +56,8 @@ def _messages_of(database_url: str, user: str) -> list[str]:
     import psycopg
 
     with psycopg.connect(database_url) as conn:
-        rows = conn.execute("select coalesce(twilio_message_sid, '') from messages where user_id = %s", (user,))
+        query = "select coalesce(twilio_message_sid, '') from messages where user_id = %s"
+        rows = conn.execute(query, (user,))
         return [sid for (sid,) in rows.fetchall()]
 
 
