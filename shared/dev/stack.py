@@ -3,7 +3,11 @@
 - PostgreSQL: DATABASE_URL if set, else an embedded server (pgserver) with its data in .dev/pgdata;
   the migrations are applied either way.
 - Cloud Tasks: gcloud-tasks-emulator from its own venv (.venv-emulator), spoken to by the real client.
-- Twilio: the local SMS sink (shared.dev.sink), spoken to by the real twilio client.
+- Twilio: the local SMS sink (shared.dev.sink), spoken to by the real twilio client; it posts signed
+  status callbacks to twilio_status, so messages become delivered (or undelivered, when switched).
+- Pub/Sub (when the Google Cloud CLI has the emulator): the sweep topic pushing into sweep_queue, and
+  the stack's own pull subscriptions on the events and inbound topics, printed and kept in
+  events.jsonl.
 - The functions: functions-framework processes, one per entry point, with the production code.
 
 Then it runs the demo (shared.dev.demo) and keeps everything up until Ctrl-C, which stops every
