@@ -9,11 +9,20 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: dev test install lint typecheck unit clean bench
 
+# Two stamps on one venv: make dev installs the runtime and the local stack's extra only (.[local]);
+# everything else (make test, lint, bench, bundle) installs the test toolchain on top (.[local,dev]),
+# which also satisfies make dev.
+$(VENV)/.local: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[local]'
+	touch $@
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $@
+	$(BIN)/python -m pip install -q -e '.[local,dev]'
+	touch $@ $(VENV)/.local
 
 # The Cloud Tasks emulator pins protobuf<5, which the real clients cannot share: its own venv.
 $(EMU_VENV)/.installed:
@@ -41,7 +50,7 @@ unit: $(VENV)/.installed
 bench: install
 	$(BIN)/python -m bench
 
-dev: install
+dev: $(VENV)/.local $(EMU_VENV)/.installed
 	CLOUD_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(EMU_VENV)/bin/python $(BIN)/python -m shared.dev.stack
 
 clean:

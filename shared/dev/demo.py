@@ -3,11 +3,18 @@ schedule_message function and prints what happened and why, as a timeline.
 
 It shows, whatever the time of day you run it: an immediate send, the 30 s cooldown spacing two
 sends, an hourly-limit deferral, and a quiet-hours deferral to 08:00 in the user's own timezone.
+
+The demo users (DEMO_PHONES) are kept between runs with the rest of the database; each run first
+resets them (their messages and budgets deleted, a STOP undone by an operator opt-in), which is also
+what `python -m shared.dev.demo --reset` does to a running or stopped stack's database (DATABASE_URL).
+Nobody else's data is touched.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -31,6 +38,10 @@ ZONES = (
     "Australia/Sydney",
     "Pacific/Auckland",
 )
+
+
+# name -> number: Dana writes in the day, Noor sleeps, Sam gets the sequence
+DEMO_PHONES = {"Dana": "+15550000101", "Noor": "+15550000202", "Sam": "+15550000303"}
 
 
 def pick_zone(now: datetime, hours: set[int]) -> str:
@@ -82,20 +93,46 @@ def _reset(database_url: str, user_ids: list[uuid.UUID]) -> None:
             conn.execute("delete from messages where user_id = %s", (uid,))
 
 
+def reset_demo_users(database_url: str) -> list[uuid.UUID]:
+    """What each demo run does first, on its own: the demo users that exist start from a clean slate."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "select id from users where phone_number = any(%s) order by phone_number",
+            (list(DEMO_PHONES.values()),),
+        ).fetchall()
+    ids = [row[0] for row in rows]
+    _reset(database_url, ids)
+    return ids
+
+
+def reset_command(stack: LocalStack) -> str:
+    """The command line that resets the demo users of this stack's database."""
+    command = ".venv/bin/python -m shared.dev.demo --reset"
+    if stack.embedded_database:
+        # pgserver's socket needs no password: the printed URL works as it is (psql takes it too).
+        return f"DATABASE_URL='{stack.printable_database_url}' {command}"
+    return command  # your DATABASE_URL, from your environment as make dev read it
+
+
 def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, Any]:
     assert stack.database_url
     now = datetime.now(UTC)
     day_zone = pick_zone(now, set(range(9, 20)))
     night_zone = pick_zone(now, {23, 0, 1, 2, 3, 4, 5})
-    dana = _seed_user(stack.database_url, "+15550000101", day_zone)
-    noor = _seed_user(stack.database_url, "+15550000202", night_zone)
-    _reset(stack.database_url, [dana, noor])
+    dana = _seed_user(stack.database_url, DEMO_PHONES["Dana"], day_zone)
+    noor = _seed_user(stack.database_url, DEMO_PHONES["Noor"], night_zone)
+    sam = _seed_user(stack.database_url, DEMO_PHONES["Sam"], day_zone)
+    _reset(stack.database_url, [dana, noor, sam])
     _make_active(stack.database_url, dana, now)
+    _make_active(stack.database_url, sam, now)
 
-    print("\n== Demo users ==")
-    dana_local = _local(now.isoformat(), day_zone)
-    print(f"  Dana  +15550000101  {day_zone:<20} local {dana_local}  (wrote to us just now)")
-    print(f"  Noor  +15550000202  {night_zone:<20} local {_local(now.isoformat(), night_zone)}  (asleep)")
+    print("\n== Demo users (kept between runs; reset at each start) ==")
+    here = {"Dana": (dana, day_zone), "Noor": (noor, night_zone), "Sam": (sam, day_zone)}
+    notes = {"Dana": "wrote to us just now", "Noor": "asleep", "Sam": "wrote to us just now"}
+    for name, (uid, zone) in here.items():
+        local = _local(now.isoformat(), zone)
+        print(f"  {name:<5} {DEMO_PHONES[name]}  {uid}  {zone:<20} local {local}  ({notes[name]})")
+    print(f"  reset them (messages, budgets, a STOP): {reset_command(stack)}")
 
     plan = [
         ("immediate send", dana, day_zone, "Welcome aboard! Your concierge is ready.", "high"),
@@ -147,28 +184,34 @@ def run_demo(stack: LocalStack, *, wait_for_cooldown: bool = True) -> dict[str, 
         print(
             f"  {r['label']:<22} {st['status']:<7} scheduledFor {_local(st['scheduledFor'], r['zone'])}"
             f"  sentAt {_local(st['sentAt'], r['zone'])}  reason={st['reason']}"
+            f"  delivery={st.get('deliveryStatus') or '-'}"
         )
 
-    extra = _show_the_rest(stack, now, day_zone, night_zone, noor)
+    extra = _show_the_rest(stack, sam, noor)
 
     print("\n== Try it yourself ==")
     print(
         f"  curl -s -X POST {stack.schedule_url} -H 'Content-Type: application/json' \\\n"
         f'    -d \'{{"userId": "{dana}", "agentId": "me", "messageData": {{"content": "hi"}}}}\'\n'
         f"  curl -s {stack.schedule_url}messages/{immediate['messageId']}\n"
+        f"  curl -s -X POST {stack.schedule_url}messages/{results[2]['messageId']}/cancel "
+        f"-H 'Content-Type: application/json' -d '{{\"reason\": \"changed my mind\"}}'\n"
         f"  curl -s {stack.sink_url}/_sink/messages"
     )
-    return {"results": results, "arrived": arrived, "immediate": immediate, "spaced": spaced, **extra}
+    if stack.pubsub_host is not None:
+        print(f"  tail -f {stack.events_path}")
+    return {
+        "results": results,
+        "arrived": arrived,
+        "immediate": immediate,
+        "spaced": spaced,
+        "users": {name: uid for name, (uid, _) in here.items()},
+        **extra,
+    }
 
 
-def _show_the_rest(
-    stack: LocalStack, now: datetime, day_zone: str, night_zone: str, noor: uuid.UUID
-) -> dict[str, Any]:
+def _show_the_rest(stack: LocalStack, sam: uuid.UUID, noor: uuid.UUID) -> dict[str, Any]:
     """A sequence, a structured message rendered without a model key, supersede by topic, cancel."""
-    assert stack.database_url
-    sam = _seed_user(stack.database_url, "+15550000303", day_zone)
-    _reset(stack.database_url, [sam])
-    _make_active(stack.database_url, sam, now)
     print("\n== Sequences, rendering, supersede, cancel ==")
     _, seq = stack.post_json(
         stack.schedule_url,
@@ -203,3 +246,31 @@ def _show_the_rest(
     for m in parts:
         print(f"  {m['received_at']}  to {m['to']}  {m['body']!r}")
     return {"sequence": seq, "superseded": new.get("superseded"), "cancelled": cancelled, "parts": parts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.dev.demo", description="The make dev demo's data."
+    )
+    parser.add_argument(
+        "--reset",
+        action="store_true",
+        help="reset the demo users (messages, budgets, a STOP) in DATABASE_URL",
+    )
+    args = parser.parse_args(argv)
+    database_url = os.environ.get("DATABASE_URL")
+    if not args.reset:
+        parser.print_help()
+        return 2
+    if not database_url:
+        print(
+            "DATABASE_URL is not set: the demo prints the line to use (make dev's database)", file=sys.stderr
+        )
+        return 2
+    ids = reset_demo_users(database_url)
+    print(f"reset {len(ids)} demo user(s): {', '.join(str(i) for i in ids) or 'none yet'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

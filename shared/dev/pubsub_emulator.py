@@ -66,6 +66,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -543,6 +544,54 @@ def ensure_push_subscription(
                 return name
         client.modify_push_config(subscription=name, push_config=push_config, timeout=10.0)
     return name
+
+
+def ensure_pull_subscription(host: str, project: str, topic: str, subscription: str) -> str:
+    """A pull subscription on `topic`, created unless one of that name exists; returns its path."""
+    from google.api_core.exceptions import AlreadyExists
+
+    name = subscription_path(project, subscription)
+    with _subscriber(host) as client, contextlib.suppress(AlreadyExists):
+        client.create_subscription(request={"name": name, "topic": topic_path(project, topic)}, timeout=10.0)
+    return name
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """One message taken (and acknowledged) from a pull subscription."""
+
+    message_id: str
+    data: bytes
+    attributes: dict[str, str]
+    publish_time: str
+
+
+def pull(
+    client: pubsub_v1.SubscriberClient, subscription: str, *, max_messages: int = 100, timeout: float = 2.0
+) -> list[Pulled]:
+    """One synchronous pull, acknowledged at once: an empty list when nothing came within `timeout`."""
+    from google.api_core.exceptions import DeadlineExceeded
+
+    try:
+        response = client.pull(
+            request={"subscription": subscription, "max_messages": max_messages}, timeout=timeout
+        )
+    except DeadlineExceeded:
+        return []
+    received = list(response.received_messages)
+    if received:
+        client.acknowledge(
+            request={"subscription": subscription, "ack_ids": [r.ack_id for r in received]}, timeout=10.0
+        )
+    return [
+        Pulled(
+            message_id=r.message.message_id,
+            data=bytes(r.message.data),
+            attributes=dict(r.message.attributes),
+            publish_time=r.message.publish_time.isoformat(),
+        )
+        for r in received
+    ]
 
 
 def publish(host: str, project: str, topic: str, data: bytes, /, **attributes: str) -> str:

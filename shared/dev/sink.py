@@ -18,6 +18,18 @@ does (curly quotes, dashes, ellipsis, odd spaces), storing and listing the rewri
     DELETE /_sink/messages
     GET    /_sink/health
 
+With `status_callbacks=True` (`--status-callbacks`) it also plays Twilio's status callbacks: after
+accepting a message that names a StatusCallback, it POSTs `sent` and then `delivered` there, as form
+fields Twilio sends (MessageSid, MessageStatus, To, From, AccountSid, ...; ErrorCode when it failed),
+signed with X-Twilio-Signature by the auth token. The outcome can be switched, for every destination
+or one number, until cleared:
+
+    POST   /_sink/outcomes  {"status": "undelivered", "error_code": 30006, "to": "+1..."}
+                            (status delivered, undelivered or failed; to omitted: every number)
+    GET    /_sink/outcomes
+    DELETE /_sink/outcomes
+    GET    /_sink/callbacks (what was posted, and what the webhook answered)
+
 In-process (tests):  `with SmsSink() as sink: client.api.base_url = sink.url ...`
 As a process:        `python -m shared.dev.sink --port 8089 [--record FILE]`
 
@@ -29,6 +41,8 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import logging
 import operator
@@ -47,7 +61,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
+from urllib.error import HTTPError, URLError
 from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.request import Request, urlopen
 
 log = logging.getLogger("shared.dev.sink")
 
@@ -184,6 +200,52 @@ class Fault:
         )
 
 
+OUTCOMES = ("delivered", "undelivered", "failed")
+# What a failed outcome says when no code is given: 30006 "landline or unreachable carrier",
+# 30008 "unknown error".
+_DEFAULT_OUTCOME_CODES = {"undelivered": 30006, "failed": 30008}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the messages to `to` (None: to any number) end: the last status callback they get."""
+
+    status: str = "delivered"
+    error_code: int | None = None
+    to: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> Outcome:
+        if not isinstance(data, dict):
+            raise ValueError("outcome must be a JSON object")
+        unknown = set(data) - {"status", "error_code", "to"}
+        if unknown:
+            raise ValueError(f"unknown outcome field(s): {', '.join(sorted(unknown))}")
+        status = data.get("status")
+        if status not in OUTCOMES:
+            raise ValueError(f"status must be one of {', '.join(OUTCOMES)}")
+        code = data.get("error_code")
+        if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
+            raise ValueError("error_code must be an integer")
+        if status == "delivered" and code is not None:
+            raise ValueError("a delivered message has no error_code")
+        to = data.get("to")
+        if to is not None and (not isinstance(to, str) or not _E164.match(to)):
+            raise ValueError("to must be an E.164 number (+15551234567)")
+        if code is None:
+            code = _DEFAULT_OUTCOME_CODES.get(status)
+        return cls(status=status, error_code=code, to=to)
+
+
+def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
+    """X-Twilio-Signature as Twilio computes it: HMAC-SHA1 of the URL followed by every POST field's
+    name and value in name order, base64. Written out here (not twilio's RequestValidator) so the
+    sink plays Twilio rather than reusing the code under test."""
+    payload = url + "".join(key + params[key] for key in sorted(params))
+    digest = hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
 @dataclass(frozen=True)
 class SinkMessage:
     """One accepted message, as the sink recorded it."""
@@ -210,7 +272,25 @@ class SinkMessage:
             "received_at": self.received_at.isoformat(),
         }
 
-    def resource(self, *, status: str, sent: bool) -> dict[str, Any]:
+    def callback_form(self, status: str, error_code: int | None) -> dict[str, str]:
+        """The form fields of Twilio's status callback for this message at `status`."""
+        form = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "From": self.from_ or "",
+            "MessageSid": self.sid,
+            "MessageStatus": status,
+            "SmsSid": self.sid,
+            "SmsStatus": status,
+            "To": self.to,
+        }
+        if self.messaging_service_sid is not None:
+            form["MessagingServiceSid"] = self.messaging_service_sid
+        if error_code is not None:
+            form["ErrorCode"] = str(error_code)
+        return form
+
+    def resource(self, *, status: str, sent: bool, error_code: int | None = None) -> dict[str, Any]:
         """The message as Twilio's API shows it."""
         created = _rfc2822(self.received_at)
         return {
@@ -221,7 +301,7 @@ class SinkMessage:
             "date_sent": created if sent else None,
             "date_updated": created,
             "direction": "outbound-api",
-            "error_code": None,
+            "error_code": error_code,
             "error_message": None,
             "from": self.from_,
             "messaging_service_sid": self.messaging_service_sid,
@@ -252,6 +332,10 @@ class _State:
         self.changed = threading.Condition(self.lock)
         self.messages: list[SinkMessage] = []
         self.faults: list[Fault] = []
+        self.outcomes: dict[str | None, Outcome] = {}
+        # sid -> (status, error code) of the last status callback posted for it
+        self.statuses: dict[str, tuple[str, int | None]] = {}
+        self.callbacks: list[dict[str, Any]] = []
         self.record_path = record_path
         self.on_message = on_message
         self.stopping = threading.Event()
@@ -276,9 +360,58 @@ class _State:
         if self.on_message is not None:
             self.on_message(message)
 
+    def outcome_for(self, to: str) -> Outcome:
+        with self.lock:
+            return self.outcomes.get(to) or self.outcomes.get(None) or Outcome()
+
+    def status_of(self, sid: str) -> tuple[str, int | None]:
+        with self.lock:
+            return self.statuses.get(sid, ("sent", None))
+
     def snapshot(self) -> list[SinkMessage]:
         with self.lock:
             return list(self.messages)
+
+
+def _post_signed(url: str, form: dict[str, str], token: str | None) -> int | str:
+    """POST `form` to `url` as Twilio does; the HTTP status, or why there was none."""
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "TwilioProxy/1.1"}
+    if token:
+        headers["X-Twilio-Signature"] = twilio_signature(token, url, form)
+    request = Request(url, data=urlencode(form).encode(), headers=headers, method="POST")
+    try:
+        with urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except HTTPError as err:
+        return err.code
+    except (URLError, OSError) as err:
+        return f"unreachable: {err}"
+
+
+def _play_status_callbacks(server: _Server, message: SinkMessage) -> None:
+    """`sent`, then the outcome (`failed` alone: it never left), each after the callback delay."""
+    assert message.status_callback is not None
+    outcome = server.state.outcome_for(message.to)
+    steps = ["failed"] if outcome.status == "failed" else ["sent", outcome.status]
+    for status in steps:
+        if server.state.stopping.wait(server.callback_delay):
+            return
+        code = outcome.error_code if status == outcome.status else None
+        with server.state.lock:
+            server.state.statuses[message.sid] = (status, code)
+        answer = _post_signed(
+            message.status_callback, message.callback_form(status, code), server.signing_token
+        )
+        record = {
+            "sid": message.sid,
+            "to": message.to,
+            "status": status,
+            "error_code": code,
+            "answer": answer,
+        }
+        with server.state.lock:
+            server.state.callbacks.append(record)
+        log.info("status callback %s", record)
 
 
 class _Server(ThreadingHTTPServer):
@@ -286,6 +419,9 @@ class _Server(ThreadingHTTPServer):
     state: _State
     credentials: tuple[str, str] | None
     smart_encoding: bool
+    status_callbacks: bool
+    callback_delay: float
+    signing_token: str | None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -355,6 +491,14 @@ class _Handler(BaseHTTPRequestHandler):
             with self.server.state.lock:
                 faults = [vars(f).copy() for f in self.server.state.faults]
             self._send_json(200, {"faults": faults})
+        elif url.path == "/_sink/outcomes":
+            with self.server.state.lock:
+                outcomes = [vars(o).copy() for o in self.server.state.outcomes.values()]
+            self._send_json(200, {"outcomes": outcomes})
+        elif url.path == "/_sink/callbacks":
+            with self.server.state.lock:
+                callbacks = list(self.server.state.callbacks)
+            self._send_json(200, {"callbacks": callbacks})
         elif match := _MESSAGES.match(url.path):
             if self._require_auth():
                 self._list(match["account"], query)
@@ -370,6 +514,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if url.path == "/_sink/faults":
             self._add_fault(body)
+        elif url.path == "/_sink/outcomes":
+            self._set_outcome(body)
         elif match := _MESSAGES.match(url.path):
             if self._require_auth():
                 self._create(match["account"], _form(body))
@@ -383,6 +529,10 @@ class _Handler(BaseHTTPRequestHandler):
             with state.lock:
                 state.faults.clear()
             self._send_json(200, {"faults": []})
+        elif path == "/_sink/outcomes":
+            with state.lock:
+                state.outcomes.clear()
+            self._send_json(200, {"outcomes": []})
         elif path == "/_sink/messages":
             with state.lock:
                 state.messages.clear()
@@ -402,6 +552,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.state.faults.append(fault)
         self._send_json(201, {"fault": vars(fault)})
 
+    def _set_outcome(self, body: bytes) -> None:
+        try:
+            outcome = Outcome.from_json(json.loads(body or b"null"))
+        except ValueError as exc:
+            self._send_json(400, {"error": str(exc)})
+            return
+        with self.server.state.lock:
+            self.server.state.outcomes[outcome.to] = outcome
+        self._send_json(201, {"outcome": vars(outcome)})
+
+    def _accept(self, message: SinkMessage) -> None:
+        """Record the message; Twilio's status callbacks for it follow on their own thread."""
+        self.server.state.add(message)
+        if self.server.status_callbacks and message.status_callback:
+            threading.Thread(
+                target=_play_status_callbacks, args=(self.server, message), name="sink-callbacks", daemon=True
+            ).start()
+
     # --- the Twilio API -----------------------------------------------------------------------
 
     def _create(self, account_sid: str, form: dict[str, str]) -> None:
@@ -419,7 +587,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(400, *refusal)
                 return
             message = self._message(account_sid, to, from_, service, body, callback)
-            self.server.state.add(message)
+            self._accept(message)
             if not self.server.state.stopping.wait(fault.delay_seconds):
                 self._send_json(201, message.resource(status="queued", sent=False))
             return
@@ -432,7 +600,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault is not None and (fault.status is not None or fault.drop):
             if fault.accept and _refusal(to, from_, service, body, form) is None:
-                self.server.state.add(self._message(account_sid, to, from_, service, body, callback))
+                self._accept(self._message(account_sid, to, from_, service, body, callback))
             if fault.drop:
                 # Closed without a byte of answer: the client sees the connection dropped mid-request.
                 self.close_connection = True
@@ -450,7 +618,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(400, *refusal)
             return
         message = self._message(account_sid, to, from_, service, body, callback)
-        self.server.state.add(message)
+        self._accept(message)
         # Like Twilio, the create answer says "queued" and has no date_sent yet; fetch/list say "sent".
         self._send_json(201, message.resource(status="queued", sent=False))
 
@@ -480,9 +648,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _fetch(self, account_sid: str, sid: str) -> None:
         for message in self.server.state.snapshot():
             if message.sid == sid and message.account_sid == account_sid:
-                self._send_json(200, message.resource(status="sent", sent=True))
+                status, code = self.server.state.status_of(sid)
+                self._send_json(200, message.resource(status=status, sent=True, error_code=code))
                 return
         self._send_error(404, 20404, f"The requested resource {self.path} was not found")
+
+    def _shown(self, message: SinkMessage) -> dict[str, Any]:
+        status, code = self.server.state.status_of(message.sid)
+        return {"status": status, "sent": True, "error_code": code}
 
     def _list(self, account_sid: str, query: dict[str, str]) -> None:
         try:
@@ -512,7 +685,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(
             200,
             {
-                "messages": [m.resource(status="sent", sent=True) for m in chunk],
+                "messages": [m.resource(**self._shown(m)) for m in chunk],
                 "end": start + len(chunk) - 1 if chunk else 0,
                 "first_page_uri": page_uri(0),
                 "next_page_uri": page_uri(page + 1) if has_next else None,
@@ -603,16 +776,22 @@ class SmsSink:
         auth_token: str | None = None,
         on_message: Callable[[SinkMessage], None] | None = None,
         smart_encoding: bool = False,
+        status_callbacks: bool = False,
+        callback_delay: float = 0.2,
     ) -> None:
         """`account_sid`/`auth_token`, when both given, are required to match the basic auth exactly;
         otherwise any basic auth is accepted (but some must be present, as with Twilio).
         `smart_encoding`: the Messaging Service has Smart Encoding on (bodies sent through it are
-        rewritten, see SMART_ENCODING)."""
+        rewritten, see SMART_ENCODING). `status_callbacks`: post Twilio's status callbacks (signed
+        with `auth_token` when given), `callback_delay` seconds apart."""
         self._state = _State(Path(record_path) if record_path is not None else None, on_message)
         self._server = _Server((host, port), _Handler)
         self._server.state = self._state
         self._server.credentials = (account_sid, auth_token) if account_sid and auth_token else None
         self._server.smart_encoding = smart_encoding
+        self._server.status_callbacks = status_callbacks
+        self._server.callback_delay = callback_delay
+        self._server.signing_token = auth_token
         self._thread: threading.Thread | None = None
 
     @property
@@ -697,6 +876,17 @@ class SmsSink:
         with self._state.lock:
             self._state.faults.append(fault)
 
+    def set_outcome(self, status: str, *, error_code: int | None = None, to: str | None = None) -> None:
+        """Same rules as `POST /_sink/outcomes`."""
+        outcome = Outcome.from_json({"status": status, "error_code": error_code, "to": to})
+        with self._state.lock:
+            self._state.outcomes[outcome.to] = outcome
+
+    def callbacks(self) -> list[dict[str, Any]]:
+        """The status callbacks posted so far, oldest first, as `/_sink/callbacks` shows them."""
+        with self._state.lock:
+            return list(self._state.callbacks)
+
     def clear_faults(self) -> None:
         with self._state.lock:
             self._state.faults.clear()
@@ -718,6 +908,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smart-encoding", action="store_true", help="rewrite Messaging Service bodies as Twilio would"
     )
+    parser.add_argument(
+        "--status-callbacks",
+        action="store_true",
+        help="post signed sent/delivered status callbacks to each message's StatusCallback",
+    )
+    parser.add_argument("--callback-delay", type=float, default=0.2, help="seconds before each callback")
     args = parser.parse_args(argv)
 
     def emit(message: SinkMessage) -> None:
@@ -731,6 +927,8 @@ def main(argv: list[str] | None = None) -> int:
         auth_token=args.auth_token,
         on_message=emit,
         smart_encoding=args.smart_encoding,
+        status_callbacks=args.status_callbacks,
+        callback_delay=args.callback_delay,
     )
     done = threading.Event()
 

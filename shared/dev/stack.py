@@ -3,7 +3,11 @@
 - PostgreSQL: DATABASE_URL if set, else an embedded server (pgserver) with its data in .dev/pgdata;
   the migrations are applied either way.
 - Cloud Tasks: gcloud-tasks-emulator from its own venv (.venv-emulator), spoken to by the real client.
-- Twilio: the local SMS sink (shared.dev.sink), spoken to by the real twilio client.
+- Twilio: the local SMS sink (shared.dev.sink), spoken to by the real twilio client; it posts signed
+  status callbacks to twilio_status, so messages become delivered (or undelivered, when switched).
+- Pub/Sub (when the Google Cloud CLI has the emulator): the sweep topic pushing into sweep_queue, and
+  the stack's own pull subscriptions on the events and inbound topics, printed and kept in
+  events.jsonl.
 - The functions: functions-framework processes, one per entry point, with the production code.
 
 Then it runs the demo (shared.dev.demo) and keeps everything up until Ctrl-C, which stops every
@@ -48,6 +52,8 @@ SWEEP_SUBSCRIPTION = "orchestrator-sweep-push"
 # entry point -> functions-framework signature type
 EVENTS_TOPIC = "orchestrator-events"
 INBOUND_TOPIC = "orchestrator-inbound"
+# Pull subscriptions the stack reads itself: what agents would hear, printed and kept in events.jsonl.
+EVENT_SUBSCRIPTIONS = {EVENTS_TOPIC: "orchestrator-events-dev", INBOUND_TOPIC: "orchestrator-inbound-dev"}
 FUNCTIONS = {
     "schedule_message": "http",
     "deliver_message": "http",
@@ -109,6 +115,7 @@ class LocalStack:
         self._pubsub: Any = None
         self._pg: Any = None
         self._scheduler: threading.Thread | None = None
+        self._event_tail: threading.Thread | None = None
         self._stopping = threading.Event()
         self.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -117,7 +124,7 @@ class LocalStack:
     def start(self) -> LocalStack:
         try:
             self._start_database()
-            self._say(f"database     {self._redacted(self.database_url or '')}")
+            self._say(f"database     {self.printable_database_url}")
             self._emulator = TasksEmulator(
                 QUEUE_PATH,
                 port=self.ports.tasks,
@@ -135,6 +142,12 @@ class LocalStack:
                     str(self.ports.sink),
                     "--record",
                     str(self.workdir / "sms.jsonl"),
+                    # Twilio's receipts, signed as Twilio signs them: messages become delivered.
+                    "--status-callbacks",
+                    "--account-sid",
+                    ACCOUNT_SID,
+                    "--auth-token",
+                    AUTH_TOKEN,
                 ],
             )
             self._wait_http(f"{self.sink_url}/_sink/health", "sms-sink")
@@ -175,6 +188,9 @@ class LocalStack:
         if self._scheduler is not None:
             self._scheduler.join(timeout=10)
             self._scheduler = None
+        if self._event_tail is not None:
+            self._event_tail.join(timeout=10)
+            self._event_tail = None
         if self._pubsub is not None:
             self._pubsub.stop()
             self._pubsub = None
@@ -210,6 +226,16 @@ class LocalStack:
 
     def url_of(self, function: str) -> str:
         return f"http://127.0.0.1:{self.ports.of(function)}/"
+
+    @property
+    def embedded_database(self) -> bool:
+        """True when the stack runs its own PostgreSQL (pgserver, .dev/pgdata), not DATABASE_URL's."""
+        return self._pg is not None
+
+    @property
+    def printable_database_url(self) -> str:
+        """The database URL without its password, still one psql takes."""
+        return self._redacted(self.database_url or "")
 
     @property
     def pubsub_host(self) -> str | None:
@@ -338,6 +364,64 @@ class LocalStack:
         ).start()
         for topic in (SWEEP_TOPIC, EVENTS_TOPIC, INBOUND_TOPIC):
             ps.ensure_topic(self._pubsub.host, PROJECT, topic)
+        # Subscribed before any function runs, so no event is published to a topic nobody reads.
+        subscriptions = {
+            topic: ps.ensure_pull_subscription(self._pubsub.host, PROJECT, topic, name)
+            for topic, name in EVENT_SUBSCRIPTIONS.items()
+        }
+        self._event_tail = threading.Thread(
+            target=self._tail_events, args=(subscriptions,), name="dev-events", daemon=True
+        )
+        self._event_tail.start()
+        self._say(f"events       {', '.join(subscriptions.values())} -> {self.events_path}")
+
+    @property
+    def events_path(self) -> Path:
+        """Every event and inbound message the stack's own subscriptions received, a JSON line each."""
+        return self.workdir / "events.jsonl"
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.events_path.exists():
+            return []
+        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+
+    def _tail_events(self, subscriptions: Mapping[str, str]) -> None:
+        from shared.dev import pubsub_emulator as ps
+
+        assert self._pubsub is not None
+        client = ps.subscriber_client(self._pubsub.host)
+        try:
+            while not self._stopping.is_set():
+                for topic, subscription in subscriptions.items():
+                    try:
+                        pulled = ps.pull(client, subscription, timeout=1.0)
+                    except Exception as exc:  # the emulator stopped (an outage test): try again
+                        log.debug("pulling %s failed: %s", subscription, exc)
+                        self._stopping.wait(1.0)
+                        continue
+                    for message in pulled:
+                        self._record_event(topic, message)
+        finally:
+            client.transport.close()
+
+    def _record_event(self, topic: str, message: Any) -> None:
+        try:
+            data: Any = json.loads(message.data)
+        except ValueError:
+            data = message.data.decode(errors="replace")
+        entry = {
+            "topic": topic,
+            "messageId": message.message_id,
+            "publishTime": message.publish_time,
+            "attributes": message.attributes,
+            "data": data,
+        }
+        with self.events_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        attrs = message.attributes
+        kind = attrs.get("eventType") or topic
+        who = " ".join(f"{k}={attrs[k]}" for k in ("userId", "agentId", "agentType") if attrs.get(k))
+        self._say(f"event        {kind:<18} {who}")
 
     def _start_sweep_trigger(self) -> None:
         from shared.dev import pubsub_emulator as ps
