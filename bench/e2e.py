@@ -63,7 +63,10 @@ ABOUT = (
     "each answer's scheduledFor); lateness is the sink's arrival minus scheduledFor. The emulator's "
     "own dispatch delay is measured on its own (tasks to a tiny HTTP target). Fairness: the same run "
     f"while one user's {FLOOD:,} queued messages (inserted in SQL, tasks created through the real "
-    "client, spread over the run) fire and are deferred by the policy. BENCH_E2E_SECONDS shortens it."
+    "client, spread over the run) fire and are deferred by the policy. Each run starts after "
+    f"{WARMUP} warm-up messages (cold starts are their own section). The deployed queue's dispatch "
+    "rate, which the emulator does not apply, is simulated on the same times. BENCH_E2E_SECONDS "
+    "shortens it."
 )
 
 
