@@ -104,6 +104,7 @@ DATABASE_SECTIONS: tuple[tuple[str, str], ...] = (
     ("Sweep", "sweep"),
     ("Lateness", "lateness"),
     ("Claim path", "claims"),
+    ("End-to-end lateness and fairness", "e2e"),
 )
 
 

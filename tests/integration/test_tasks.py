@@ -114,7 +114,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def queue_path(tasks_client: tasks_v2.CloudTasksClient) -> Iterator[str]:
-    # A queue of our own: the emulator dispatches each queue serially on its own thread, so other
+    # A queue of our own: the emulator dispatches each queue on its own thread, so other
     # modules' slow or failing handlers cannot delay these timing checks, and deleting it at the end
     # stops any leftover task of ours from being retried forever.
     parent = TASKS_QUEUE_PATH.rsplit("/queues/", 1)[0]
@@ -304,3 +304,51 @@ def test_the_emulator_listens_on_loopback_only(tasks_emulator: TasksEmulator) ->
     loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, and as ::ffff:127.0.0.1
     listening = _listening(tasks_emulator.port)
     assert listening and listening <= loopback, listening
+
+
+def test_tasks_due_together_are_in_flight_together(
+    tasks_client: tasks_v2.CloudTasksClient, queue_path: str
+) -> None:
+    """As Cloud Tasks (max_concurrent_dispatches), not one at a time: five tasks due at once reach a
+    handler that holds every request until all five are in; one slow delivery does not hold up
+    the rest of the queue."""
+    held = threading.Condition()
+    in_flight: list[str] = []
+    release = threading.Event()
+
+    class Holding(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with held:
+                in_flight.append(str(json.loads(body)["messageId"]))
+                held.notify_all()
+            release.wait(DELIVERY_WAIT)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Holding)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        queue = CloudTasksQueue(
+            tasks_client,
+            queue_path=queue_path,
+            deliver_url=f"http://127.0.0.1:{server.server_address[1]}/deliver",
+            service_account=None,
+        )
+        now = utcnow()
+        ids = {uuid.uuid4() for _ in range(5)}
+        for message_id in ids:
+            queue.schedule(message_id, 1, now, now)
+        with held:
+            held.wait_for(lambda: len(in_flight) >= len(ids), timeout=DELIVERY_WAIT)
+            seen = set(in_flight)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+    assert seen == {str(i) for i in ids}
