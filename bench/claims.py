@@ -1,10 +1,11 @@
 """Our claim path against pgqueuer's dequeue, on the same PostgreSQL (separate databases).
 
-- pgqueuer (the anchor): PGQ_JOBS jobs enqueued, then drained by QueueManagers (its worker, in
-  drain mode, its default batch of 10, a no-op entrypoint; each job is dequeued and acknowledged,
-  i.e. moved to pgqueuer_log), with psycopg's async driver, from 1 and from 2 workers; timed from
-  the first job to the last (the workers' start-up and drain-mode shutdown left out). Acks are
-  buffered: the last batch's may land after the last job ran.
+- pgqueuer (the anchor): jobs enqueued, then drained by QueueManagers (its worker, in drain mode,
+  at batch 1, the target's anchor with our durability, and at its default batch of 10 for context;
+  a no-op entrypoint; each job is dequeued and acknowledged, i.e. moved to pgqueuer_log),
+  with psycopg's async driver, from 1 and from 2 workers; timed from the first job to the last
+  (the workers' start-up and drain-mode shutdown left out). Acks are buffered: the last batch's
+  may land after the last job ran.
 - Ours: CLAIMS queued messages, two per user (so the second round counts a send of the first), and
   HISTORY earlier sends per user days before (outside every window but the week's), each
   `store.claim(...)` (mq_claim: the user's row lock, then cooldown, hourly, daily and in-flight
@@ -39,10 +40,12 @@ CLAIMS = 2_000
 ROUNDS = 3
 HISTORY = 3  # earlier sent messages per user, days before: a table in service, not an empty one
 ROUND_GAP = timedelta(minutes=2)  # between a user's two messages: past the cooldown
-TARGET_RATIO = 0.5
+TARGET_RATIO = 1.5  # issue 17: at least 1.5x pgqueuer at batch 1 (same durability)
 ABOUT = (
-    "The anchor: pgqueuer's QueueManager (drain mode, batch 10, no-op job; each job dequeued and "
-    "acknowledged) on the same PostgreSQL, psycopg async driver on uvloop. Ours: `store.claim` "
+    "The anchor: pgqueuer's QueueManager (drain mode, no-op job; each job dequeued and acknowledged) "
+    "at batch 1, the same durability as ours (one dequeue and one ack per job), with batch 10, its "
+    "default (one flush per ten jobs), beside it for context; on the same PostgreSQL, psycopg async "
+    "driver on uvloop. Ours: `store.claim` "
     "(mq_claim: the user's lock, in-flight, cooldown, hourly and daily checks) then `store.record_sent` "
     "with a fake sid, per message, two messages per user (each with three earlier sends, days before, so "
     "the table and its statistics are those of a table in service), in a tight loop. Same worker counts "
@@ -206,41 +209,53 @@ def claims_rate(pg: Postgres, threads: int, *, n: int = CLAIMS) -> float:
 
 
 def run(pg: Postgres) -> list[Figure]:
-    """Rounds alternate pgqueuer and ours, so that drift in the machine's speed (a shared VM) hits
-    both alike; the figures are medians over the rounds, the ratio the median of the rounds' ratios."""
+    """Rounds alternate pgqueuer at batch 1, pgqueuer at batch 10 and ours, so that drift in the
+    machine's speed (a shared VM) hits all alike; the figures are medians over the rounds, the
+    ratios the medians of the rounds' ratios. The target is against batch 1, the same durability as
+    ours (one flushed dequeue and one ack per job, as one Cloud Task per message needs); batch 10
+    (one flush per ten jobs) is beside it for context."""
     figures: list[Figure] = []
-    pgq_note = f"{PGQ_JOBS:,} jobs, batch {PGQ_BATCH}, dequeue + ack, median of {ROUNDS}"
+    pgq1_note = f"{PGQ_JOBS_BATCH1:,} jobs, batch 1: one dequeue and one ack per job, median of {ROUNDS}"
+    pgq10_note = f"{PGQ_JOBS:,} jobs, batch {PGQ_BATCH}, dequeue + ack, median of {ROUNDS}"
     ours_note = f"{CLAIMS:,} messages, 2 per user, mq_claim + mq_record_sent each, median of {ROUNDS}"
     for workers in (1, 2):
-        pgq: list[float] = []
+        pgq1: list[float] = []
+        pgq10: list[float] = []
         mine: list[float] = []
         for _ in range(ROUNDS):
-            pgq.append(pgqueuer_rate(pg, workers))
+            pgq1.append(pgqueuer_rate(pg, workers, jobs=PGQ_JOBS_BATCH1, batch=1))
+            pgq10.append(pgqueuer_rate(pg, workers))
             mine.append(claims_rate(pg, workers))
-        ratio = statistics.median(m / q for m, q in zip(mine, pgq, strict=True))
         unit = "worker" if workers == 1 else "workers"
         figures += [
-            Figure(f"pgqueuer jobs/s, {workers} {unit}", statistics.median(pgq), "/s", note=pgq_note),
+            Figure(
+                f"pgqueuer jobs/s, {workers} {unit}, batch 1", statistics.median(pgq1), "/s", note=pgq1_note
+            ),
+            Figure(
+                f"pgqueuer jobs/s, {workers} {unit}, batch {PGQ_BATCH}",
+                statistics.median(pgq10),
+                "/s",
+                note=pgq10_note,
+            ),
             Figure(
                 f"claim path claims/s, {workers} {'thread' if workers == 1 else 'threads'}",
                 statistics.median(mine),
                 "/s",
                 note=ours_note,
             ),
-            Figure(
-                f"claim path / pgqueuer, {workers} each",
-                ratio,
-                "×",
-                TARGET_RATIO,
-                note=f"rounds: {', '.join(f'{m / q:.2f}' for m, q in zip(mine, pgq, strict=True))}",
-            ),
+            _ratio(f"claim path / pgqueuer at batch 1, {workers} each", mine, pgq1, TARGET_RATIO),
+            _ratio(f"claim path / pgqueuer at batch {PGQ_BATCH}, {workers} each", mine, pgq10, None),
         ]
-    figures.append(
-        Figure(
-            "pgqueuer jobs/s, 1 worker, batch 1",
-            pgqueuer_rate(pg, 1, jobs=PGQ_JOBS_BATCH1, batch=1),
-            "/s",
-            note="one dequeue and one ack per job, as our path has per message",
-        )
-    )
     return figures
+
+
+def _ratio(name: str, mine: list[float], theirs: list[float], target: float | None) -> Figure:
+    ratios = [m / q for m, q in zip(mine, theirs, strict=True)]
+    context = "" if target is not None else "context, no target: one flush per ten jobs; "
+    return Figure(
+        name,
+        statistics.median(ratios),
+        "×",
+        target,
+        note=f"{context}rounds: {', '.join(f'{r:.2f}' for r in ratios)}",
+    )

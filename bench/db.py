@@ -32,8 +32,13 @@ from shared.store.postgres import PostgresStore
 MAIN = str(Path(__file__).resolve().parents[1] / "functions" / "main.py")
 USERS = 300
 WARMUP = 50
-SINGLE = 800  # requests with one client
+SINGLE = 400  # requests with one client, per round (and as many to the floor)
+ROUNDS = 3  # alternating rounds of the one-client and floor runs, and of the 1- and 8-process runs
+CPU_RATIO = 3.0  # issue 17: a schedule's Python CPU at most 3x the floor's
+P99_RATIO = 10.0  # issue 17: p99 at 1 client at most 10x the floor's p50
+PROCESS_GAIN = 1.6  # issue 17: 8 processes give at least 1.6x the requests/s of 1
 PER_THREAD = 150  # requests per client with eight clients
+PER_PROCESS = 200  # requests per process, with 1 process and with eight
 THREADS = 8
 DELIVERIES = 200  # per pool configuration
 WARM_SENDS = 20  # to the sink before timing: the HTTP connection and the plans
@@ -91,19 +96,13 @@ def _body(user: uuid.UUID, i: int) -> dict[str, Any]:
 FLOOR_APP = str(Path(__file__).resolve().parent / "floor_app.py")
 
 
-def _floor_figures(users: list[uuid.UUID]) -> list[Figure]:
-    """The same requests to a trivial function through the same app and test client: the part of a
-    schedule's latency and CPU that no change to the use case or the database can remove."""
-    _client_run(users, 0, WARMUP, [], app=("echo", FLOOR_APP))
-    latencies: list[float] = []
+def _floor_round(client: Any, users: list[uuid.UUID], latencies: list[float]) -> float:
+    """One round of the floor: the same requests to a trivial function through the same app and test
+    client (the part of a schedule's latency and CPU that no change to the use case or the database
+    can remove); its CPU seconds."""
     cpu = time.process_time()
-    _client_run(users, 0, SINGLE, latencies, app=("echo", FLOOR_APP))
-    cpu = time.process_time() - cpu
-    note = "functions-framework's app and Flask's test client around a trivial function"
-    return [
-        Figure("floor p50, 1 client", _pct(latencies, 50), "ms", note=note),
-        Figure("floor CPU per request, 1 client", cpu / SINGLE * 1000, "ms", note=note),
-    ]
+    _client_run(users, 0, SINGLE, latencies, client=client, expect=(201, "echo"))
+    return time.process_time() - cpu
 
 
 def _client_run(
@@ -112,15 +111,16 @@ def _client_run(
     n: int,
     latencies: list[float],
     *,
-    app: tuple[str, str] = ("schedule_message", MAIN),
+    client: Any = None,
+    expect: tuple[int, str] = (201, "schedule_message"),
 ) -> None:
-    client = create_app(*app).test_client()
+    client = client or create_app("schedule_message", MAIN).test_client()
     for i in range(start, start + n):
         t = time.perf_counter()
         resp = client.post("/", json=_body(users[i % len(users)], i))
         latencies.append(time.perf_counter() - t)
-        if resp.status_code != 201:
-            raise RuntimeError(f"{app[0]} answered {resp.status_code}: {resp.get_data(as_text=True)}")
+        if resp.status_code != expect[0]:
+            raise RuntimeError(f"{expect[1]} answered {resp.status_code}: {resp.get_data(as_text=True)}")
 
 
 def _load(users: list[uuid.UUID], threads: int, per_thread: int, offset: int) -> tuple[list[float], float]:
@@ -159,17 +159,86 @@ def _per(store: CountingStore, n: int, fn: Callable[[], None]) -> tuple[float, f
     return (calls1 - calls0) / n, (checks1 - checks0) / n
 
 
+def _ratio_note(value: float, floor: float, unit: str) -> str:
+    return f"{value:.2f} vs {floor:.2f} {unit}" if unit == "ms" else f"{value:,.0f} vs {floor:,.0f} {unit}"
+
+
+def _single_rounds(
+    store: CountingStore, users: list[uuid.UUID]
+) -> tuple[list[float], list[float], list[float], list[float], float]:
+    """ROUNDS rounds, each SINGLE schedules from one client then SINGLE floor requests, so that the
+    VM's drift hits both alike: (schedule latencies, floor latencies, schedule CPU per request per
+    round, floor CPU per request per round). CPU is this process's only: PostgreSQL's is not in it."""
+    schedule = create_app("schedule_message", MAIN).test_client()
+    floor = create_app("echo", FLOOR_APP).test_client()
+    _client_run(users, 0, WARMUP, [], client=schedule)
+    _client_run(users, 0, WARMUP, [], client=floor, expect=(201, "echo"))
+    single: list[float] = []
+    floor_lat: list[float] = []
+    cpu: list[float] = []
+    floor_cpu: list[float] = []
+    calls = 0.0
+    for k in range(ROUNDS):
+        started = time.process_time()
+        calls += _per(
+            store,
+            SINGLE,
+            lambda at=10_000 + k * SINGLE: _client_run(users, at, SINGLE, single, client=schedule),
+        )[0]
+        cpu.append((time.process_time() - started) / SINGLE * 1000)
+        floor_cpu.append(_floor_round(floor, users, floor_lat) / SINGLE * 1000)
+    return single, floor_lat, cpu, floor_cpu, calls / ROUNDS
+
+
+def _single_figures(store: CountingStore, users: list[uuid.UUID]) -> tuple[float, list[Figure]]:
+    """The store calls per schedule; the one-client figures and the ratios to the floor."""
+    single, floor_lat, cpu, floor_cpu, calls = _single_rounds(store, users)
+    note = "functions-framework's app and Flask's test client around a trivial function"
+    cpu_ratio = statistics.median(c / f for c, f in zip(cpu, floor_cpu, strict=True))
+    cpu_note = _ratio_note(statistics.median(cpu), statistics.median(floor_cpu), "ms")
+    p99, floor_p50 = _pct(single, 99), _pct(floor_lat, 50)
+    return calls, [
+        Figure("schedule_message p50, 1 client", _pct(single, 50), "ms"),
+        Figure("schedule_message p99, 1 client", p99, "ms"),
+        Figure("schedule_message req/s, 1 client", len(single) / sum(single), "/s"),
+        Figure(
+            "schedule_message Python CPU per request, 1 client",
+            statistics.median(cpu),
+            "ms",
+            note=f"median of {ROUNDS} rounds: {', '.join(f'{c:.2f}' for c in cpu)}",
+        ),
+        Figure("floor p50, 1 client", floor_p50, "ms", note=note),
+        Figure(
+            "floor CPU per request, 1 client",
+            statistics.median(floor_cpu),
+            "ms",
+            note=f"{note}; rounds: {', '.join(f'{c:.2f}' for c in floor_cpu)}",
+        ),
+        Figure(
+            "schedule_message CPU / floor CPU, per request",
+            cpu_ratio,
+            "×",
+            CPU_RATIO,
+            higher_is_better=False,
+            note=f"median of the rounds' ratios; {cpu_note}",
+        ),
+        Figure(
+            "schedule_message p99, 1 client / floor p50",
+            p99 / floor_p50,
+            "×",
+            P99_RATIO,
+            higher_is_better=False,
+            note=_ratio_note(p99, floor_p50, "ms"),
+        ),
+    ]
+
+
 def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figure]:
     tasks = InProcessTasks()
     container = bootstrap.Container(Settings(), store=store, tasks=tasks)
     previous = bootstrap.install(container)
     try:
-        _load(users, 1, WARMUP, 0)
-        single: list[float] = []
-        cpu = time.process_time()
-        calls, checks = _per(store, SINGLE, lambda: single.extend(_load(users, 1, SINGLE, 10_000)[0]))
-        cpu = time.process_time() - cpu  # this process only: PostgreSQL's backends are not in it
-        wall1 = sum(single)
+        calls, figures = _single_figures(store, users)  # no pool check: PostgresStore runs none
         multi, wall8 = _load(users, THREADS, PER_THREAD, 20_000)
         store.pool_check(True)
         nocheck: list[float] = []
@@ -179,11 +248,7 @@ def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figu
         bootstrap.install(previous)
     pool = f"pool max {store._pool.max_size}"
     return [
-        Figure("schedule_message p50, 1 client", _pct(single, 50), "ms"),
-        Figure("schedule_message p99, 1 client", _pct(single, 99), "ms", 15, higher_is_better=False),
-        Figure("schedule_message req/s, 1 client", len(single) / wall1, "/s", 300),
-        Figure("schedule_message Python CPU per request, 1 client", cpu / SINGLE * 1000, "ms"),
-        *_floor_figures(users),
+        *figures,
         *_clients_figures(multi, wall8, pool),
         Figure("schedule_message p99, 1 client, with a pool check", _pct(nocheck, 99), "ms", note="not used"),
         Figure(
@@ -195,7 +260,7 @@ def _schedule_figures(store: CountingStore, users: list[uuid.UUID]) -> list[Figu
         Figure("store calls per schedule", calls, "", 2, higher_is_better=False),
         Figure(
             "DB round trips per schedule",
-            calls + checks,
+            calls,
             "",
             2,
             higher_is_better=False,
@@ -321,18 +386,14 @@ def _schedule_matched_pool(url: str, users: list[uuid.UUID]) -> list[Figure]:
     return _clients_figures(multi, wall, f"pool max {THREADS} (DB_POOL_MAX = clients)")
 
 
-def _clients_figures(latencies: list[float], wall: float, note: str) -> list[Figure]:
+def _clients_figures(latencies: list[float], wall: float, note: str, clients: int = THREADS) -> list[Figure]:
+    # No targets: issue 17 retired p99 <= 15 ms at 8 clients and >= 300 req/s (on 2 cores, 8 closed
+    # loops measure the machine); 8 processes against 1 (below) is the figure with a target.
+    label = f"{clients} {'client' if clients == 1 else 'clients'}"
     return [
-        Figure(f"schedule_message p50, {THREADS} clients", _pct(latencies, 50), "ms", note=note),
-        Figure(
-            f"schedule_message p99, {THREADS} clients",
-            _pct(latencies, 99),
-            "ms",
-            15,
-            higher_is_better=False,
-            note=note,
-        ),
-        Figure(f"schedule_message req/s, {THREADS} clients", len(latencies) / wall, "/s", 300, note=note),
+        Figure(f"schedule_message p50, {label}", _pct(latencies, 50), "ms", note=note),
+        Figure(f"schedule_message p99, {label}", _pct(latencies, 99), "ms", note=note),
+        Figure(f"schedule_message req/s, {label}", len(latencies) / wall, "/s", note=note),
     ]
 
 
@@ -343,11 +404,12 @@ def _instance(url: str, users: list[str], offset: int, start: Any, out: Any) -> 
     bootstrap.install(bootstrap.Container(Settings(), store=store, tasks=InProcessTasks()))
     ids = [uuid.UUID(u) for u in users]
     try:
-        _client_run(ids, offset, 20, [])  # warm the connection and the plans
+        client = create_app("schedule_message", MAIN).test_client()
+        _client_run(ids, offset, 20, [], client=client)  # warm the connection and the plans
         start.wait()
         latencies: list[float] = []
         began = time.perf_counter()
-        _client_run(ids, offset + 20, PER_THREAD, latencies)
+        _client_run(ids, offset + 20, PER_PROCESS, latencies, client=client)
         out.put((latencies, began, time.perf_counter()))
     except BaseException as exc:  # reported by the parent
         out.put(exc)
@@ -355,16 +417,16 @@ def _instance(url: str, users: list[str], offset: int, start: Any, out: Any) -> 
         store.close()
 
 
-def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
-    """8 clients as 8 processes, each an instance taking one request at a time (as deployed:
-    max_instance_request_concurrency = 1), so no two requests share an interpreter lock."""
+def _processes(url: str, users: list[uuid.UUID], n: int, offset: int) -> tuple[list[float], float]:
+    """n processes, each an instance taking one request at a time (as deployed:
+    max_instance_request_concurrency = 1), so no two requests share an interpreter lock: their
+    latencies and the wall time from the first start to the last end."""
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Barrier(THREADS + 1)
+    start = ctx.Barrier(n + 1)
     out = ctx.Queue()
     names = [str(u) for u in users]
     procs = [
-        ctx.Process(target=_instance, args=(url, names, 60_000 + k * 1_000, start, out))
-        for k in range(THREADS)
+        ctx.Process(target=_instance, args=(url, names, offset + k * 1_000, start, out)) for k in range(n)
     ]
     for p in procs:
         p.start()
@@ -378,8 +440,54 @@ def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
         if isinstance(r, BaseException):
             raise r
     latencies = [x for r in results for x in r[0]]
-    wall = max(r[2] for r in results) - min(r[1] for r in results)
-    return _clients_figures(latencies, wall, f"{THREADS} processes, one request at a time each")
+    return latencies, max(r[2] for r in results) - min(r[1] for r in results)
+
+
+def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
+    """1 process and THREADS processes, measured the same way, in ROUNDS alternating rounds; the
+    latencies pooled over the rounds, the gain the median of the rounds' gains."""
+    one: list[float] = []
+    many: list[float] = []
+    rates: list[tuple[float, float]] = []
+    for k in range(ROUNDS):
+        lat1, wall1 = _processes(url, users, 1, 60_000 + k * 20_000)
+        lat8, wall8 = _processes(url, users, THREADS, 70_000 + k * 20_000)
+        one += lat1
+        many += lat8
+        rates.append((len(lat1) / wall1, len(lat8) / wall8))
+    gain = statistics.median(m / o for o, m in rates)
+    rate1 = statistics.median(o for o, _ in rates)
+    rate8 = statistics.median(m for _, m in rates)
+    note = f"{PER_PROCESS} requests each, median of {ROUNDS} rounds"
+    return [
+        Figure("schedule_message req/s, 1 process", rate1, "/s", note=f"one request at a time, {note}"),
+        Figure("schedule_message p99, 1 process", _pct(one, 99), "ms", note="one request at a time"),
+        Figure(
+            f"schedule_message req/s, {THREADS} processes",
+            rate8,
+            "/s",
+            note=f"one request at a time each, {note}",
+        ),
+        Figure(
+            f"schedule_message p50, {THREADS} processes",
+            _pct(many, 50),
+            "ms",
+            note="one request at a time each",
+        ),
+        Figure(
+            f"schedule_message p99, {THREADS} processes",
+            _pct(many, 99),
+            "ms",
+            note="one request at a time each",
+        ),
+        Figure(
+            f"schedule_message req/s, {THREADS} processes / 1 process",
+            gain,
+            "×",
+            PROCESS_GAIN,
+            note=f"rounds: {', '.join(f'{m / o:.2f}' for o, m in rates)}; {_ratio_note(rate8, rate1, '/s')}",
+        ),
+    ]
 
 
 def run(pg: Postgres) -> list[Figure]:

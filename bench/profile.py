@@ -1,5 +1,9 @@
-"""`python -m bench.profile`: where the sweep's and the claim path's time goes; writes
-bench/profile.md and prints it. Not part of `make bench` (it takes about a minute more).
+"""`python -m bench.profile`: where schedule_message's CPU, the sweep's and the claim path's time
+goes; writes bench/profile.md and prints it. Not part of `make bench` (it takes about a minute more).
+
+- schedule_message: cProfile with a CPU clock (time.process_time, so waits on the database are not
+  in it) over requests through functions-framework's app and Flask's test client, as the bench
+  sends them; the functions of this repository with their CPU, and the floor beside it.
 
 - Python: pyinstrument over one sweep (batch 2000) and over the claim loop (1 thread).
 - The database: pg_stat_user_functions (track_functions = all) for the time inside each mq_
@@ -11,10 +15,13 @@ bench/profile.md and prints it. Not part of `make bench` (it takes about a minut
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import re
 import sys
 import tempfile
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,13 +29,74 @@ from typing import Any
 import psycopg
 from pyinstrument import Profiler
 
-from bench import claims, sweep
-from bench.support import Postgres
+from bench import claims, db, sweep
+from bench.policy import TIMEZONES
+from bench.support import InProcessTasks, Postgres
 from bench.sweep import T0, seed_queued, seed_users
 from shared.store.postgres import PostgresStore
 
 OUT = Path(__file__).resolve().parent / "profile.md"
 CLAIMS = 4_000
+SCHEDULES = 1_000
+
+
+def _own_rows(stats: pstats.Stats, n: int, lines: int = 25) -> list[str]:
+    """This repository's functions by cumulative CPU, per request (cProfile's own overhead in it)."""
+    rows = []
+    for (path, line, name), (_, calls, own, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if "/site-packages/" in path or not path.startswith(str(OUT.parents[1])) or "/bench/" in path:
+            continue
+        rows.append((cum, own, calls, f"{Path(path).relative_to(OUT.parents[1])}:{line}({name})"))
+    rows.sort(reverse=True)
+    out = ["| function | calls per request | CPU per request, µs (own) |", "|---|---|---|"]
+    for cum, own, calls, where in rows[:lines]:
+        out.append(f"| `{where}` | {calls / n:.1f} | {cum * 1e6 / n:,.0f} ({own * 1e6 / n:,.0f}) |")
+    return out
+
+
+def schedule_profile(pg: Postgres) -> list[str]:
+    from functions_framework import create_app
+
+    from shared import bootstrap
+    from shared.config import Settings
+
+    out = ["## schedule_message", ""]
+    with pg.database() as url:
+        store = PostgresStore(url, max_size=1)
+        previous = bootstrap.install(bootstrap.Container(Settings(), store=store, tasks=InProcessTasks()))
+        try:
+            users = [
+                uuid.UUID(store.upsert_user(f"+1555{i:07d}", TIMEZONES[i % len(TIMEZONES)])["id"])
+                for i in range(db.USERS)
+            ]
+            client = create_app("schedule_message", db.MAIN).test_client()
+            floor = create_app("echo", db.FLOOR_APP).test_client()
+            db._client_run(users, 0, db.WARMUP, [], client=client)
+            db._client_run(users, 0, db.WARMUP, [], client=floor, expect=(201, "echo"))
+            cpu = time.process_time()
+            db._client_run(users, 1_000, SCHEDULES, [], client=client)
+            plain = (time.process_time() - cpu) / SCHEDULES
+            cpu = time.process_time()
+            db._client_run(users, 0, SCHEDULES, [], client=floor, expect=(201, "echo"))
+            floor_cpu = (time.process_time() - cpu) / SCHEDULES
+            profiler = cProfile.Profile(time.process_time)
+            profiler.enable()
+            db._client_run(users, 10_000, SCHEDULES, [], client=client)
+            profiler.disable()
+        finally:
+            bootstrap.install(previous)
+            store.close()
+    stats = pstats.Stats(profiler)
+    total = stats.total_tt / SCHEDULES  # type: ignore[attr-defined]
+    out += [
+        f"{SCHEDULES:,} requests from one client: {plain * 1e6:,.0f} µs of CPU per request unprofiled, "
+        f"the floor {floor_cpu * 1e6:,.0f} µs; profiled, {total * 1e6:,.0f} µs (cProfile multiplies the "
+        "cost of every Python call, so read the shares, not the absolute figures).",
+        "",
+        *_own_rows(stats, SCHEDULES),
+        "",
+    ]
+    return out
 
 
 def _tree(profiler: Profiler, lines: int = 45) -> str:
@@ -235,6 +303,7 @@ def main() -> int:
                     f"`python -m bench.profile` on {sys.platform}, Python {sys.version.split()[0]}, embedded "
                     "PostgreSQL on the same machine. See the module's docstring for what is measured.",
                     "",
+                    *schedule_profile(pg),
                     *sweep_profile(pg),
                     *claims_profile(pg),
                 ]

@@ -26,6 +26,11 @@ def set_trace(header: str | None, project: str) -> None:
     _trace.set(f"projects/{project}/traces/{trace_id}" if trace_id else None)
 
 
+# json.dumps(entry, default=str, ensure_ascii=False) builds a new encoder on every call (it caches
+# only the default one); every request logs at least one line, so this one is built once.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -42,7 +47,7 @@ class JsonFormatter(logging.Formatter):
             entry[TRACE_KEY] = trace
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _ENCODER.encode(entry)
 
 
 def configure(level: str = "INFO") -> None:

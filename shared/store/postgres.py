@@ -23,7 +23,9 @@ from shared.store.store import SqlStore
 @lru_cache(maxsize=256)
 def _query(function: str, names: tuple[str, ...]) -> str:
     # Cached: the same few shapes on every call, and the bench counts this process's CPU per request.
-    return f"select {function}({', '.join(f'p_{name} => %s' for name in names)})"
+    # $n placeholders for a RawCursor: psycopg then sends the text as it is instead of rewriting %s
+    # on every execute (5-15 µs of CPU a call in the bench; the server binds the values either way).
+    return f"select {function}({', '.join(f'p_{name} => ${k}' for k, name in enumerate(names, 1))})"
 
 
 def _param(value: Any) -> Any:
@@ -51,7 +53,7 @@ class PsycopgDriver:
         query = _query(function, tuple(args))
         try:
             with self.pool.connection() as conn:
-                row = conn.execute(query, [_param(v) for v in args.values()]).fetchone()
+                row = psycopg.RawCursor(conn).execute(query, [_param(v) for v in args.values()]).fetchone()
         except (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise StoreUnavailable() from exc
         except psycopg.Error as exc:
