@@ -104,6 +104,7 @@ DATABASE_SECTIONS: tuple[tuple[str, str], ...] = (
     ("Sweep", "sweep"),
     ("Lateness", "lateness"),
     ("Claim path", "claims"),
+    ("Cold start and memory", "coldstart"),
 )
 
 
