@@ -86,3 +86,20 @@ def test_a_function_without_deliver_url_is_still_misconfigured_as_soon_as_it_ask
 ):
     with pytest.raises(ConfigurationError, match="DELIVER_URL"):
         _ = Container(Settings()).tasks
+
+
+_TASKS_PROBE = """
+import json, sys
+import shared.tasks
+loaded = "aiohttp" in sys.modules
+import google.auth.aio.transport.sessions
+print(json.dumps({"aiohttp_with_the_client": loaded, "aiohttp_after": "aiohttp" in sys.modules}))
+"""
+
+
+def test_the_cloud_tasks_client_loads_without_aiohttp_which_still_imports_afterwards() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _TASKS_PROBE], cwd=REPO, capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded == {"aiohttp_with_the_client": False, "aiohttp_after": True}
