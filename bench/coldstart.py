@@ -452,7 +452,12 @@ def memory_steps(users: Users) -> dict[str, tuple[Step, str]]:
     }
 
 
-def _cold_figures(cold: dict[str, list[tuple[float, float]]]) -> list[Figure]:
+def _cold_figures(
+    cold: dict[str, list[tuple[float, float]]], profiles: dict[str, dict[str, Any]]
+) -> list[Figure]:
+    """The cold-start rows; where a target is missed the note says where the time goes, from the
+    import profiles (in-process, so without the server's own start)."""
+
     def summary(kind: str) -> tuple[float, float, str]:
         wall = statistics.median(w for w, _ in cold[kind])
         cpu = statistics.median(c for _, c in cold[kind])
@@ -469,8 +474,19 @@ def _cold_figures(cold: dict[str, list[tuple[float, float]]]) -> list[Figure]:
             note=f"bench/floor_app.py, {floor_note}; load average {load:.1f} on {os.cpu_count()} cores",
         )
     ]
-    for kind, what in (("schedule", "first schedule_message 201"), ("deliver", "first delivery sent")):
+    kinds = (
+        ("schedule", "schedule_message", "first schedule_message 201"),
+        ("deliver", "deliver_message", "first delivery sent"),
+    )
+    for kind, target, what in kinds:
         value, cpu, note = summary(kind)
+        p = profiles[target]
+        if value > COLD_TARGET or value / floor > RATIO_TARGET:
+            note += (
+                f"; of it, in a process of its own: functions/main.py's import {p['main']:.2f} s and the "
+                f"first request {p['first']:.2f} s (mostly its imports, see below), where the floor's "
+                f"are {profiles['echo']['main']:.2f} s and {profiles['echo']['first']:.2f} s"
+            )
         figures += [
             Figure(f"Cold start: fresh process to {what}", value, "s", COLD_TARGET, False, note),
             Figure(
@@ -479,7 +495,7 @@ def _cold_figures(cold: dict[str, list[tuple[float, float]]]) -> list[Figure]:
                 "×",
                 RATIO_TARGET,
                 False,
-                f"CPU: {cpu / floor_cpu:.2f}×",
+                f"in CPU time: {cpu / floor_cpu:.2f}×",
             ),
         ]
     return figures
@@ -488,7 +504,7 @@ def _cold_figures(cold: dict[str, list[tuple[float, float]]]) -> list[Figure]:
 def _profile_figures(profiles: dict[str, dict[str, Any]]) -> list[Figure]:
     """Import times, and what each first request imports beyond what the floor's first request does
     (the test client's and Flask's own)."""
-    floor = profiles.pop("echo")
+    floor = profiles["echo"]
     first = profiles["schedule_message"]
     figures = [
         Figure(
@@ -505,6 +521,8 @@ def _profile_figures(profiles: dict[str, dict[str, Any]]) -> list[Figure]:
         ),
     ]
     for target, p in profiles.items():
+        if target == "echo":
+            continue
         extra = sorted(set(p["packages"]) - set(floor["packages"]))
         figures.append(
             Figure(
@@ -533,19 +551,28 @@ def _memory_figures(target: str, marks: tuple[float, float, float], what: str) -
     ]
 
 
+def _profiles(env: Mapping[str, str], users: Users) -> dict[str, dict[str, Any]]:
+    """The import profiles of the floor, schedule_message and deliver_message; each is run twice
+    and the second kept, since the first compiles the bytecode every later process reuses."""
+    out: dict[str, dict[str, Any]] = {}
+    for _ in range(2):
+        user, _ = users.new()
+        out = {
+            "echo": import_profile(env, "echo", _schedule_body(user, 0), FLOOR),
+            "schedule_message": import_profile(env, "schedule_message", _schedule_body(user, 0)),
+            "deliver_message": import_profile(
+                env, "deliver_message", _json({"messageId": str(users.due_message()), "generation": 0})
+            ),
+        }
+    return out
+
+
 def run(pg: Postgres) -> list[Figure]:
     with pg.database() as url, stand_ins(url) as env:
         users = Users(url)
         try:
-            user, _ = users.new()
-            profiles = {
-                "echo": import_profile(env, "echo", _schedule_body(user, 0), FLOOR),
-                "schedule_message": import_profile(env, "schedule_message", _schedule_body(user, 0)),
-                "deliver_message": import_profile(
-                    env, "deliver_message", _json({"messageId": str(users.due_message()), "generation": 0})
-                ),
-            }
-            figures = _cold_figures(cold_starts(env, users)) + _profile_figures(profiles)
+            profiles = _profiles(env, users)
+            figures = _cold_figures(cold_starts(env, users), profiles) + _profile_figures(profiles)
             for target, (step, what) in memory_steps(users).items():
                 figures += _memory_figures(target, _memory(target, env, step), what)
         finally:
