@@ -188,10 +188,12 @@ class LazyRenderer:
 
 def build_renderer(settings: Settings) -> Renderer:
     """Claude when ANTHROPIC_API_KEY is set; otherwise the deterministic template renderer."""
-    from shared.render import ClaudeRenderer, TemplateRenderer
-
     if not settings.anthropic_api_key:
+        from shared.render import TemplateRenderer
+
         return TemplateRenderer()
+    from shared.render import ClaudeRenderer
+
     return ClaudeRenderer(
         api_key=settings.anthropic_api_key,
         model=settings.anthropic_model,

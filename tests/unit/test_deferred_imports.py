@@ -103,3 +103,31 @@ def test_the_cloud_tasks_client_loads_without_aiohttp_which_still_imports_afterw
     )
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded == {"aiohttp_with_the_client": False, "aiohttp_after": True}
+
+
+_RENDER_PROBE = """
+import json, sys
+from shared.bootstrap import build_renderer
+from shared.config import Settings
+template = type(build_renderer(Settings())).__name__
+without_key = "anthropic" in sys.modules
+claude = type(build_renderer(Settings(anthropic_api_key="sk-test"))).__name__
+print(json.dumps([template, without_key, claude, "anthropic" in sys.modules]))
+"""
+
+
+def test_the_template_renderer_is_built_without_importing_the_anthropic_sdk_and_claude_still_is() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _RENDER_PROBE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [
+        "TemplateRenderer",
+        False,
+        "ClaudeRenderer",
+        True,
+    ]
