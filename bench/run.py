@@ -105,6 +105,7 @@ DATABASE_SECTIONS: tuple[tuple[str, str], ...] = (
     ("Lateness", "lateness"),
     ("Claim path", "claims"),
     ("End-to-end lateness and fairness", "e2e"),
+    ("Cold start and memory", "coldstart"),
 )
 
 

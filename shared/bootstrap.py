@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -75,7 +76,10 @@ class Container:
 
     @property
     def tasks(self) -> TaskQueue:
-        return self._port("tasks", build_tasks)
+        """The Cloud Tasks client is built on the first task created, not here: a delivery that
+        schedules no follow-up needs none, and importing google.cloud.tasks_v2 costs a cold
+        instance over half a second."""
+        return self._port("tasks", lambda settings: LazyTaskQueue(settings))
 
     @property
     def events(self) -> EventPublisher | None:
@@ -106,16 +110,40 @@ def build_store(settings: Settings) -> Store:
 
 
 def build_tasks(settings: Settings) -> TaskQueue:
+    deliver_url = _deliver_url(settings)
     from shared.tasks import CloudTasksQueue, build_tasks_client
 
-    if not settings.deliver_url:
-        raise ConfigurationError("set DELIVER_URL to the deliver_message function's URL")
     return CloudTasksQueue(
         build_tasks_client(settings.cloud_tasks_emulator_host),
         queue_path=settings.tasks_queue_path,
-        deliver_url=settings.deliver_url,
+        deliver_url=deliver_url,
         service_account=settings.tasks_service_account,
     )
+
+
+def _deliver_url(settings: Settings) -> str:
+    if not settings.deliver_url:
+        raise ConfigurationError("set DELIVER_URL to the deliver_message function's URL")
+    return settings.deliver_url
+
+
+class LazyTaskQueue:
+    """A TaskQueue that builds the real one (build_tasks) when the first task is created. The
+    configuration is checked at once, so a function without DELIVER_URL fails as early as before."""
+
+    def __init__(self, settings: Settings, build: Callable[[Settings], TaskQueue] = build_tasks) -> None:
+        _deliver_url(settings)
+        self._settings = settings
+        self._build = build
+        self._real: TaskQueue | None = None
+        self._lock = threading.Lock()
+
+    def schedule(self, message_id: uuid.UUID, generation: int, at: datetime, now: datetime) -> str | None:
+        if self._real is None:
+            with self._lock:
+                if self._real is None:
+                    self._real = self._build(self._settings)
+        return self._real.schedule(message_id, generation, at, now)
 
 
 def build_events(settings: Settings) -> EventPublisher | None:
@@ -160,10 +188,12 @@ class LazyRenderer:
 
 def build_renderer(settings: Settings) -> Renderer:
     """Claude when ANTHROPIC_API_KEY is set; otherwise the deterministic template renderer."""
-    from shared.render import ClaudeRenderer, TemplateRenderer
-
     if not settings.anthropic_api_key:
+        from shared.render import TemplateRenderer
+
         return TemplateRenderer()
+    from shared.render import ClaudeRenderer
+
     return ClaudeRenderer(
         api_key=settings.anthropic_api_key,
         model=settings.anthropic_model,

@@ -15,18 +15,45 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import grpc
 from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
-from google.cloud import tasks_v2
-from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from shared.errors import Unavailable
+
+# google-api-core's long-running-operations package, which the Cloud Tasks client imports but never
+# uses, loads its asyncio REST transport whenever google-auth's aiohttp session can be imported,
+# and aiohttp is installed here (twilio needs it): about 0.3 s of a cold start. Both places that
+# load it treat its absence as the ordinary case (the `async_rest` extra not installed).
+_ASYNC_REST_SESSIONS = "google.auth.aio.transport.sessions"
+
+
+@contextmanager
+def _without_async_rest() -> Iterator[None]:
+    """While the client is imported, google-auth's aiohttp session is "not installed" (None in
+    sys.modules is the import system's own way to say so); afterwards it imports as usual."""
+    if _ASYNC_REST_SESSIONS in sys.modules:
+        yield  # already loaded by someone else: nothing to save
+        return
+    sys.modules[_ASYNC_REST_SESSIONS] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get(_ASYNC_REST_SESSIONS, ...) is None:
+            del sys.modules[_ASYNC_REST_SESSIONS]
+
+
+with _without_async_rest():
+    from google.cloud import tasks_v2
+    from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 
 log = logging.getLogger(__name__)
 

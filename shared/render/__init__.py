@@ -23,6 +23,9 @@ errors, usage and cost). Import the names from `shared.render`.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from shared.domain import needs_render
 from shared.errors import RenderUnavailable
 from shared.models import (
@@ -36,14 +39,6 @@ from shared.models import (
     validate_structured,
 )
 from shared.ports import Renderer
-from shared.render.claude import (
-    CACHE_READ_FACTOR,
-    CACHE_WRITE_FACTOR,
-    MAX_REASON_LENGTH,
-    PRICES,
-    ClaudeRenderer,
-    estimate_cost,
-)
 from shared.render.prompt import (
     MAX_TURN_CHARS,
     MAX_TURNS,
@@ -54,6 +49,38 @@ from shared.render.prompt import (
 )
 from shared.render.template import STYLE_PREFIX, STYLE_SUFFIX, TEMPLATE_MODEL, TEMPLATES, TemplateRenderer
 from shared.render.text import ELLIPSIS, PASSTHROUGH_MODEL, truncate
+
+if TYPE_CHECKING:
+    from shared.render.claude import (
+        CACHE_READ_FACTOR,
+        CACHE_WRITE_FACTOR,
+        MAX_REASON_LENGTH,
+        PRICES,
+        ClaudeRenderer,
+        estimate_cost,
+    )
+
+# shared.render.claude imports the anthropic SDK, over a second of a cold instance: its names are
+# loaded when first asked for, so the TemplateRenderer (no ANTHROPIC_API_KEY) never pays for it.
+_CLAUDE_NAMES = frozenset(
+    {
+        "CACHE_READ_FACTOR",
+        "CACHE_WRITE_FACTOR",
+        "MAX_REASON_LENGTH",
+        "PRICES",
+        "ClaudeRenderer",
+        "estimate_cost",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLAUDE_NAMES:
+        value = getattr(importlib.import_module("shared.render.claude"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CACHE_READ_FACTOR",
