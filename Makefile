@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 EMU_VENV := .venv-emulator
 PYTEST_WORKERS ?= 2
+# make dev DEV_ARGS="--no-demo" (or --exit-after-demo, --free-ports, --workdir DIR): the stack's flags.
+DEV_ARGS ?=
 
 .PHONY: dev test install lint typecheck unit clean bench
 
@@ -51,7 +53,7 @@ bench: install
 	$(BIN)/python -m bench
 
 dev: $(VENV)/.local $(EMU_VENV)/.installed
-	CLOUD_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(EMU_VENV)/bin/python $(BIN)/python -m shared.dev.stack
+	CLOUD_TASKS_EMULATOR_PYTHON=$(CURDIR)/$(EMU_VENV)/bin/python $(BIN)/python -m shared.dev.stack $(DEV_ARGS)
 
 clean:
 	rm -rf $(VENV) $(EMU_VENV) .dev .pytest_cache .mypy_cache .ruff_cache
