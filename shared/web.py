@@ -119,6 +119,14 @@ def handle(request: flask.Request, c: Container, name: str, fn: Callable[[], Res
         )
 
 
+def _not_a_schedule_path(path: str) -> Response:
+    """A POST anywhere but the root is not a schedule: it used to be taken as one, so a POST meant for
+    a read-only route (a user's messages or consent) scheduled a message."""
+    if _USER_MESSAGES_PATH.match(path) or _CONSENT_PATH.match(path) or _MESSAGE_PATH.match(path):
+        return method_not_allowed("GET", f"{path} is read-only: use GET (POST / schedules a message)")
+    return respond(404, {"success": False, "error": "not_found", "message": f"no such path: {path}"})
+
+
 def schedule_message(request: flask.Request, c: Container) -> Response:
     def run() -> Response:
         caller = identity.caller(request.headers.get, c.settings.caller_identity, c.settings.agent_identities)
@@ -151,6 +159,8 @@ def schedule_message(request: flask.Request, c: Container) -> Response:
                 cancel.group("id"), cancel_body, store=c.store, now=c.clock(), caller=caller
             )
             return respond(200, cancel_json(cancelled))
+        if request.path.rstrip("/"):
+            return _not_a_schedule_path(request.path)
         now = c.clock()
         parsed = ScheduleRequest.parse(
             _json_body(request),

@@ -417,3 +417,21 @@ def test_a_cancel_echoes_its_reason_and_stores_it(
     second = schedule_client.post("/", json=payload).get_json()["messageId"]
     plain = schedule_client.post(f"/messages/{second}/cancel").get_json()
     assert plain["status"] == "cancelled" and plain["cancelReason"] is None
+
+
+def test_a_post_to_a_read_only_path_is_refused_and_schedules_nothing(
+    schedule_client: FlaskClient, store: PostgresStore, database_url: str
+) -> None:
+    """A valid schedule body sent to a user's listing, consent or a message's own path (a client
+    that built its URL wrong) used to be scheduled as if posted to the root."""
+    user = make_user(store)
+    body = json.dumps(load("valid.json", userId=str(user)))
+    before = table_counts(database_url)
+    for path in (f"/users/{user}/messages", f"/users/{user}/consent", f"/messages/{uuid.uuid4()}"):
+        resp = schedule_client.post(path, data=body, content_type="application/json")
+        assert resp.status_code == 405, (path, resp.get_data(as_text=True))
+        assert resp.headers["Allow"] == "GET" and resp.get_json()["error"] == "method_not_allowed"
+    resp = schedule_client.post("/no/such/route", data=body, content_type="application/json")
+    assert resp.status_code == 404 and resp.get_json()["error"] == "not_found"
+    assert table_counts(database_url) == before
+    assert schedule_client.post("/", data=body, content_type="application/json").status_code == 201
