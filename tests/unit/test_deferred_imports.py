@@ -131,3 +131,34 @@ def test_the_template_renderer_is_built_without_importing_the_anthropic_sdk_and_
         "ClaudeRenderer",
         True,
     ]
+
+
+_SERVICE_PROBE = """
+import json, sys
+import functions.main
+from shared import service
+loaded = sorted(m for m in sys.modules if m.startswith("shared.service."))
+import shared.service.deliver  # loads reconcile too, before anyone asked for service.reconcile
+names = ("deliver", "reconcile", "sweep", "schedule")
+kinds = {name: type(getattr(service, name)).__name__ for name in names}
+print(json.dumps({"loaded": loaded, "kinds": kinds, "all": sorted(service.__all__)}))
+"""
+
+
+def test_importing_the_functions_loads_no_use_case_and_each_name_is_the_use_case_not_its_module() -> None:
+    import shared.service as service
+
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVICE_PROBE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["loaded"] == []  # a cold schedule_message pays for schedule.py on its first request only
+    assert found["kinds"] == dict.fromkeys(("deliver", "reconcile", "sweep", "schedule"), "function")
+    assert found["all"] == sorted(service._HOME)
+    with pytest.raises(AttributeError, match="no_such_use_case"):
+        _ = service.no_such_use_case  # type: ignore[attr-defined]
