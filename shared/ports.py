@@ -42,11 +42,14 @@ class Store(Protocol):
         exclude: uuid.UUID | None = None,
         idempotency: tuple[str, str] | None = None,
         admission: Admission | None = None,
+        due_only: bool = False,
     ) -> UserContext | None:
         """The user's settings, recent sends, queued reservations (but `exclude`) and last inbound;
         None if there is no such user. With idempotency = (agent id, key) and a message stored under
         it, that message as `replay` instead of the history. With `admission`, raises
-        UserQueueFull or AgentRateLimited when the request is past its limits (a replay is not)."""
+        UserQueueFull or AgentRateLimited when the request is past its limits (a replay is not).
+        With `due_only`, only the reservations due by `now` and no topic reservations: what a
+        delivery's check reads, at a cost that does not grow with the user's backlog."""
         ...
 
     def enqueue(self, message: NewMessage) -> EnqueueResult:
@@ -57,7 +60,8 @@ class Store(Protocol):
     def get_message(self, message_id: uuid.UUID) -> StoredMessage | None: ...
 
     def delivery_context(self, message_id: uuid.UUID, now: datetime) -> DeliveryContext | None:
-        """The message and its user's context, or None if there is no such message."""
+        """The message and its user's context, or None if there is no such message. Of the user's
+        other queued messages, only those due by `now` (what the delivery-time check reads)."""
         ...
 
     def claim(

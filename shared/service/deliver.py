@@ -148,7 +148,7 @@ def _replan(a: DeliveryAttempt, reason: str, *, refresh: bool) -> Outcome:
     m = a.message
     user = a.ctx.user
     if refresh:
-        fresh = a.store.user_context(m.user_id, a.now, exclude=m.id)
+        fresh = a.store.user_context(m.user_id, a.now, exclude=m.id, due_only=True)
         if fresh is not None:
             user = located(fresh, a.config, m.agent_id, transactional=m.transactional)
     decision = _check(a, user)

@@ -66,6 +66,7 @@ class SqlStore(QueueReads):
         exclude: uuid.UUID | None = None,
         idempotency: tuple[str, str] | None = None,
         admission: Admission | None = None,
+        due_only: bool = False,
     ) -> models.UserContext | None:
         agent_id, key = idempotency or (admission.agent_id if admission else None, None)
         doc = self.call(
@@ -77,6 +78,7 @@ class SqlStore(QueueReads):
             idempotency_key=key,
             topic_key=admission.topic_key if admission else None,
             **_admission_args(admission),
+            due_only=due_only,
         )
         return decode.user_context(doc)
 

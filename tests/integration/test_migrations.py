@@ -40,8 +40,8 @@ OTHER_FUNCTIONS = {
 
 # Functions a forward migration redefined: name -> the file with the live definition (the last).
 REDEFINED = {
-    "mq_user_context": "20261203000011_compliance.sql",
-    "mq_delivery_context": "20261203000011_compliance.sql",
+    "mq_user_context": "20261203000019_due_delivery_context.sql",
+    "mq_delivery_context": "20261203000019_due_delivery_context.sql",
     "mq_upsert_user": "20261203000011_compliance.sql",
     "mq_emit": "20261203000008_event_agent_attribute.sql",
     "mq_inbound": "20261203000012_consent.sql",

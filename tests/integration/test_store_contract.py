@@ -342,6 +342,7 @@ def test_delivery_context(store: AnyStore) -> None:
     user_id = make_user(store, tz="Europe/Berlin")
     message_id = enqueue(store, user_id, at=T0, content="now")
     other = enqueue(store, user_id, at=T0 + timedelta(hours=3))
+    due = enqueue(store, user_id, at=T0 - timedelta(minutes=1), priority="high")
     send(store, user_id, T0 - timedelta(hours=1))
     store.record_inbound(user_id, "yo", "SMin", T0 - timedelta(minutes=2))
     assert store.delivery_context(uuid.uuid4(), T0) is None
@@ -352,9 +353,20 @@ def test_delivery_context(store: AnyStore) -> None:
     assert ctx.user.user_id == user_id
     assert ctx.user.settings.timezone == "Europe/Berlin"
     assert ctx.user.history.sends == [T0 - timedelta(hours=1)]
-    assert ctx.user.history.reservations == [Reservation(at=T0 + timedelta(hours=3), priority="medium")]
+    # Only what is due: the delivery-time check reads no later reservation (it would only make a
+    # delivery's cost grow with its user's backlog).
+    assert ctx.user.history.reservations == [Reservation(at=T0 - timedelta(minutes=1), priority="high")]
     assert ctx.user.history.last_inbound_at == T0 - timedelta(minutes=2)
-    assert other != message_id
+    planning = store.user_context(user_id, T0, exclude=message_id)
+    assert planning is not None
+    assert planning.history.reservations == [
+        Reservation(at=T0 - timedelta(minutes=1), priority="high"),
+        Reservation(at=T0 + timedelta(hours=3), priority="medium"),
+    ]
+    refreshed = store.user_context(user_id, T0, exclude=message_id, due_only=True)
+    assert refreshed is not None
+    assert refreshed.history.reservations == ctx.user.history.reservations
+    assert len({other, due, message_id}) == 3
 
 
 # --- claim -----------------------------------------------------------------------------------------
