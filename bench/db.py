@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from psycopg_pool import ConnectionPool
 
 from bench.policy import TIMEZONES
 from bench.run import Figure
-from bench.support import Clock, FakeSms, InProcessTasks, Postgres
+from bench.support import Clock, FakeSms, InProcessTasks, Postgres, machine_busy_seconds
 from shared import bootstrap, service
 from shared.config import Settings
 from shared.dev.sink import SmsSink
@@ -459,19 +461,41 @@ def _instance(url: str, users: list[str], offset: int, start: Any, out: Any) -> 
         _client_run(ids, offset, 20, [], client=client)  # warm the connection and the plans
         start.wait()
         latencies: list[float] = []
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         _client_run(ids, offset + 20, PER_PROCESS, latencies, client=client)
-        out.put((latencies, began, time.perf_counter()))
+        out.put((latencies, began, time.perf_counter(), time.process_time() - cpu))
     except BaseException as exc:  # reported by the parent
         out.put(exc)
     finally:
         store.close()
 
 
-def _processes(url: str, users: list[uuid.UUID], n: int, offset: int) -> tuple[list[float], float]:
+@dataclass(frozen=True)
+class ProcessRun:
+    latencies: list[float]
+    wall: float  # seconds, the first process's start of its requests to the last one's end
+    busy_cores: float | None  # the machine's busy CPU seconds over the run / its wall time
+    client_cpu: float  # seconds of CPU the n processes themselves used for their requests
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.wall
+
+    @property
+    def machine_ms(self) -> float | None:
+        """The whole machine's CPU per request (these processes, their PostgreSQL backends, the rest)."""
+        return None if self.busy_cores is None else self.busy_cores * self.wall / len(self.latencies) * 1000
+
+    @property
+    def client_ms(self) -> float:
+        return self.client_cpu / len(self.latencies) * 1000
+
+
+def _processes(url: str, users: list[uuid.UUID], n: int, offset: int) -> ProcessRun:
     """n processes, each an instance taking one request at a time (as deployed:
     max_instance_request_concurrency = 1), so no two requests share an interpreter lock: their
-    latencies and the wall time from the first start to the last end."""
+    latencies, the wall time from the first start to the last end, and how many of the machine's
+    cores were busy meanwhile (the processes' start-up is before the barrier, so not in it)."""
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(n + 1)
     out = ctx.Queue()
@@ -483,7 +507,9 @@ def _processes(url: str, users: list[uuid.UUID], n: int, offset: int) -> tuple[l
         p.start()
     try:
         start.wait(timeout=120)
+        busy0, began = machine_busy_seconds(), time.perf_counter()
         results = [out.get(timeout=300) for _ in procs]
+        busy1, ended = machine_busy_seconds(), time.perf_counter()
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -491,7 +517,32 @@ def _processes(url: str, users: list[uuid.UUID], n: int, offset: int) -> tuple[l
         if isinstance(r, BaseException):
             raise r
     latencies = [x for r in results for x in r[0]]
-    return latencies, max(r[2] for r in results) - min(r[1] for r in results)
+    busy = None if busy0 is None or busy1 is None else (busy1 - busy0) / (ended - began)
+    wall = max(r[2] for r in results) - min(r[1] for r in results)
+    return ProcessRun(latencies, wall, busy, sum(r[3] for r in results))
+
+
+def _cores_note(one: list[ProcessRun], many: list[ProcessRun]) -> str:
+    """Why the gain is what it is on this machine: the cores one process already keeps busy bound
+    it (the most n processes can add is cores / that), and what each request costs the whole
+    machine when n processes take turns on it. The gain is the product of the two ratios."""
+    if any(r.busy_cores is None for r in (*one, *many)):
+        return ""
+    cores = os.cpu_count() or 1
+    busy1 = statistics.median(r.busy_cores or 0.0 for r in one)
+    busy8 = statistics.median(r.busy_cores or 0.0 for r in many)
+    ms1 = statistics.median(r.machine_ms or 0.0 for r in one)
+    ms8 = statistics.median(r.machine_ms or 0.0 for r in many)
+    client1 = statistics.median(r.client_ms for r in one)
+    client8 = statistics.median(r.client_ms for r in many)
+    return (
+        f"; 1 process keeps {busy1:.2f} of the {cores} cores busy (its client and its PostgreSQL "
+        f"backend take turns), so here no number of processes can give more than {cores / busy1:.2f}×; "
+        f"{THREADS} keep {busy8:.2f} busy ({busy8 / busy1:.2f}×), and a request costs the whole machine "
+        f"{ms8:.2f} ms of CPU against {ms1:.2f} with one ({ms1 / ms8:.2f}×: {2 * THREADS} processes "
+        f"taking turns on {cores} cores), of which the schedule processes' own {client8:.2f} against "
+        f"{client1:.2f} ms and PostgreSQL and the rest {ms8 - client8:.2f} against {ms1 - client1:.2f} ms"
+    )
 
 
 def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
@@ -500,12 +551,14 @@ def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
     one: list[float] = []
     many: list[float] = []
     rates: list[tuple[float, float]] = []
+    runs1: list[ProcessRun] = []
+    runs8: list[ProcessRun] = []
     for k in range(ROUNDS):
-        lat1, wall1 = _processes(url, users, 1, 60_000 + k * 20_000)
-        lat8, wall8 = _processes(url, users, THREADS, 70_000 + k * 20_000)
-        one += lat1
-        many += lat8
-        rates.append((len(lat1) / wall1, len(lat8) / wall8))
+        runs1.append(_processes(url, users, 1, 60_000 + k * 20_000))
+        runs8.append(_processes(url, users, THREADS, 70_000 + k * 20_000))
+        one += runs1[-1].latencies
+        many += runs8[-1].latencies
+        rates.append((runs1[-1].rate, runs8[-1].rate))
     gain = statistics.median(m / o for o, m in rates)
     rate1 = statistics.median(o for o, _ in rates)
     rate8 = statistics.median(m for _, m in rates)
@@ -536,7 +589,8 @@ def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
             gain,
             "×",
             PROCESS_GAIN,
-            note=f"rounds: {', '.join(f'{m / o:.2f}' for o, m in rates)}; {_ratio_note(rate8, rate1, '/s')}",
+            note=f"rounds: {', '.join(f'{m / o:.2f}' for o, m in rates)}; {_ratio_note(rate8, rate1, '/s')}"
+            + _cores_note(runs1, runs8),
         ),
     ]
 

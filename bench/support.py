@@ -139,3 +139,20 @@ def pct(xs: list[float], q: float) -> float:
         return xs[0]
     cuts = statistics.quantiles(xs, n=1000, method="inclusive")
     return cuts[round(q * 10) - 1]
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (every process, PostgreSQL's
+    included: Linux /proc/stat, all but idle and iowait), or None where there is no /proc/stat.
+    Two readings bracket a run: their difference over its wall time is how many cores it kept busy."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    busy = sum(ticks[:8]) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
