@@ -548,17 +548,14 @@ def _cores_note(one: list[ProcessRun], many: list[ProcessRun]) -> str:
 def _schedule_processes(url: str, users: list[uuid.UUID]) -> list[Figure]:
     """1 process and THREADS processes, measured the same way, in ROUNDS alternating rounds; the
     latencies pooled over the rounds, the gain the median of the rounds' gains."""
-    one: list[float] = []
-    many: list[float] = []
-    rates: list[tuple[float, float]] = []
     runs1: list[ProcessRun] = []
     runs8: list[ProcessRun] = []
     for k in range(ROUNDS):
         runs1.append(_processes(url, users, 1, 60_000 + k * 20_000))
         runs8.append(_processes(url, users, THREADS, 70_000 + k * 20_000))
-        one += runs1[-1].latencies
-        many += runs8[-1].latencies
-        rates.append((runs1[-1].rate, runs8[-1].rate))
+    one = [x for r in runs1 for x in r.latencies]
+    many = [x for r in runs8 for x in r.latencies]
+    rates = [(o.rate, m.rate) for o, m in zip(runs1, runs8, strict=True)]
     gain = statistics.median(m / o for o, m in rates)
     rate1 = statistics.median(o for o, _ in rates)
     rate8 = statistics.median(m for _, m in rates)
